@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call: build with CUDA, run the GPU tests (also on the portable,
+# non-Hopper path), compute-sanitizer memcheck + racecheck, then the bench.
+# Prints a short table last. Logs go to $OUT.
+#
+#   tools/gpu_check.sh [all|test|sanitize|bench] [gtest filter] [bench filter]
+#
+# Run from the device tool with carry [".deps"] after tools/fetch_gpu_deps.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-all}
+FILTER=${2:-*Cuda*}
+BENCH_FILTER=${3:-}
+OUT=${OUT:-/tmp/tk_out}
+mkdir -p "$OUT"
+HWY=$PWD/.deps/hwy/usr/lib/x86_64-linux-gnu
+[ -d "$HWY/cmake/hwy" ] && export LD_LIBRARY_PATH=$HWY:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DTK_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_ARCHITECTURES="${TK_ARCHS:-80-real;90a-real}" \
+  ${HWY:+-Dhwy_DIR=$HWY/cmake/hwy} > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+T=build-gpu/tests/tk_tests
+B=build-gpu/bench/tiny-kernel
+summary=()
+run() {  # name, command...
+  local name=$1; shift
+  local t=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  local tail_line=$(grep -E "PASSED|FAILED|ERROR SUMMARY|tests from" "$OUT/$name.log" | tail -2 | tr '\n' ' ')
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t ))" "$tail_line")")
+  [ $rc -eq 0 ] || grep -E "FAILED|Failure|error|Error" "$OUT/$name.log" | head -25
+}
+if [[ $MODE == all || $MODE == test ]]; then
+  run gtest_cuda $T --gtest_filter="$FILTER" --gtest_brief=1
+  run gtest_portable env TK_CUDA_PORTABLE=1 $T --gtest_filter="$FILTER" --gtest_brief=1
+fi
+if [[ $MODE == all || $MODE == sanitize ]]; then
+  run memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $T --gtest_filter="$FILTER" --gtest_brief=1
+  run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 $T --gtest_filter="$FILTER" --gtest_brief=1
+fi
+if [[ $MODE == all || $MODE == bench ]]; then
+  $B bench --backend cuda ${BENCH_FILTER:+--filter "$BENCH_FILTER"} --json "$OUT/bench.json" > "$OUT/bench.txt" 2> "$OUT/bench.err"
+  echo "bench rc=$?"; cat "$OUT/bench.txt"
+fi
+echo "== summary =="
+printf '%s\n' "${summary[@]}"
