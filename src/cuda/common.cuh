@@ -1,6 +1,7 @@
 // Shared pieces of the CUDA backend: error checks, the device error flag.
 #pragma once
 
+#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include "core/backend.h"
@@ -25,6 +26,13 @@ struct Launch {
   unsigned int* error_flag;
   int num_sms;
   int sm_major, sm_minor;
+  // TK_CUDA_PORTABLE=1 at context creation: every op takes its path with no
+  // Hopper-only instruction (the sm_80 kernels), so that path is testable on H100.
+  bool portable;
+  // cuBLASLt for prefill-sized dense matmuls; created once with the context.
+  cublasLtHandle_t blas;
+  void* blas_workspace;          // device memory, blas_workspace_bytes
+  size_t blas_workspace_bytes;
 };
 
 inline tk_status check_launch(const char* op) {

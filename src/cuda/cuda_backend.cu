@@ -1,6 +1,8 @@
 // The CUDA backend: device memory, the stream, the device error flag, and
 // dispatch to the per-op launchers of src/cuda/*.cu.
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cuda/ops.h"
@@ -12,6 +14,10 @@ tk_status cuda_fail(const char* what, cudaError_t e) {
   return fail(e == cudaErrorMemoryAllocation ? TK_ERR_OUT_OF_MEMORY : TK_ERR_BACKEND, "%s: %s",
               what, cudaGetErrorString(e));
 }
+
+// cuBLASLt's recommended workspace for Hopper; allocated once per context so
+// that matmul launches allocate nothing and stay graph-capturable.
+constexpr size_t kBlasWorkspaceBytes = size_t(32) << 20;
 
 class CudaBackend final : public Backend {
  public:
@@ -33,10 +39,18 @@ class CudaBackend final : public Backend {
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess ||
         (e = cudaMalloc(&b->launch_.error_flag, sizeof(unsigned int))) != cudaSuccess ||
-        (e = cudaMemset(b->launch_.error_flag, 0, sizeof(unsigned int))) != cudaSuccess) {
+        (e = cudaMemset(b->launch_.error_flag, 0, sizeof(unsigned int))) != cudaSuccess ||
+        (e = cudaMalloc(&b->launch_.blas_workspace, kBlasWorkspaceBytes)) != cudaSuccess) {
       cuda_fail("CUDA backend initialisation", e);
       return nullptr;
     }
+    b->launch_.blas_workspace_bytes = kBlasWorkspaceBytes;
+    if (cublasLtCreate(&b->launch_.blas) != CUBLAS_STATUS_SUCCESS) {
+      fail(TK_ERR_BACKEND, "CUDA backend initialisation: cublasLtCreate failed");
+      return nullptr;
+    }
+    const char* portable = std::getenv("TK_CUDA_PORTABLE");
+    b->launch_.portable = portable && *portable && std::strcmp(portable, "0") != 0;
     b->name_ = prop.name;
     b->launch_.stream = nullptr;
     b->launch_.num_sms = prop.multiProcessorCount;
@@ -45,6 +59,8 @@ class CudaBackend final : public Backend {
     return b;
   }
   ~CudaBackend() override {
+    if (launch_.blas) cublasLtDestroy(launch_.blas);
+    if (launch_.blas_workspace) cudaFree(launch_.blas_workspace);
     if (launch_.error_flag) cudaFree(launch_.error_flag);
   }
 
