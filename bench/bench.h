@@ -1,0 +1,80 @@
+// The benchmark harness of `tiny-kernel bench`: what a case is, and what a
+// device (CPU or CUDA) must offer to time one. Everything goes through the C
+// ABI; only the CUDA device (cuda_device.cu) touches CUDA itself.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tiny_kernel/tiny_kernel.h"
+
+namespace tkb {
+
+// One launch (or chain of launches) of the thing being timed. A failure
+// returns its status; the reason is in op_error().
+using Op = std::function<tk_status()>;
+
+// Why the last Op failed: a bench-side message (cuBLAS, CUDA runtime) when one
+// was set, else tk_last_error().
+void set_op_error(std::string message);
+std::string op_error();
+
+struct Measurement {
+  bool ok = false;
+  std::string error;  // why not ok
+  double median_us = 0;
+  int reps = 0;
+};
+
+struct TimingOptions {
+  double budget_s = 1.0;  // time to spend on the repeats of one op
+  int min_reps = 5;
+  int max_reps = 200;
+  // Wait for the device before each repeat, so that host-side launch cost is
+  // part of the time (graph vs eager launches); otherwise it hides behind the flush.
+  bool sync_each = false;
+};
+
+// What the machine can do, measured in the same run as the kernels.
+struct Peaks {
+  double read_gbps = 0;   // streaming read
+  double copy_gbps = 0;   // copy, counting read + write
+  double peak_gbps = 0;   // max of the two: the bandwidth roof
+  double peak_tflops = 0;
+  std::string how;        // one line: how the roofs were measured
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual const char* backend() const = 0;  // "cpu", "cuda", "reference"
+  virtual Peaks measure_peaks() = 0;
+  // Runs `op` once to check it (status and device errors), warms up, then
+  // times repeats with the last-level cache (CPU) or L2 (GPU) flushed before
+  // each, and returns the median.
+  virtual Measurement time(const Op& op, const TimingOptions& opt) = 0;
+
+  // The vendor's dense matmul y[T, N] = x[T, K] . W[N, K]^T (cuBLAS), or an
+  // empty Op when this device has none.
+  virtual Op vendor_matmul(tk_dtype /*dtype*/, int64_t /*T*/, int64_t /*N*/, int64_t /*K*/,
+                           const void* /*x*/, const void* /*w*/, void* /*y*/) {
+    return {};
+  }
+  virtual const char* vendor_name() const { return nullptr; }
+
+  // Times `ops` issued one by one and, where the device has graphs, captured
+  // once and replayed. graph->error says why there is no graph figure.
+  virtual void time_sequence(const std::vector<Op>& ops, const TimingOptions& opt,
+                             Measurement* eager, Measurement* graph, int* graph_nodes);
+};
+
+std::unique_ptr<Device> make_host_device(tk_context* ctx, int threads);
+#if defined(TK_HAVE_CUDA)
+// nullptr with *error set when the CUDA runtime pieces cannot be set up.
+std::unique_ptr<Device> make_cuda_device(tk_context* ctx, std::string* error);
+#endif
+
+}  // namespace tkb
