@@ -1,0 +1,140 @@
+// CPU rmsnorm (+ residual), rope and swiglu: memory-bound row kernels.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/elementwise.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+
+#include "cpu/kernels.h"
+#include "cpu/simd-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tk::cpu::HWY_NAMESPACE {
+namespace {
+
+template <class T>
+T* row(const void* base, int64_t r, int64_t stride) {
+  return const_cast<T*>(static_cast<const T*>(base)) + r * stride;
+}
+
+// y = rmsnorm(x) * w, or with a residual: r <- round(x + r), y = rmsnorm(r) * w.
+// The second pass re-reads the row from L1/L2, not from memory.
+template <class T>
+void RmsNormRow(const tk_rmsnorm_params& p, int64_t t) {
+  const DF d;
+  const size_t N = hn::Lanes(d), n = size_t(p.dim);
+  const T* x = row<T>(p.x, t, p.x_stride);
+  const T* w = static_cast<const T*>(p.weight);
+  T* y = row<T>(p.y, t, p.y_stride);
+  const T* h = x;
+  float ss;
+  if (p.residual) {
+    T* r = row<T>(p.residual, t, p.residual_stride);
+    VF acc = hn::Zero(d);
+    size_t i = 0;
+    // The norm is of h as stored (rounded to T), so it is read back after the store.
+    for (; i + N <= n; i += N) {
+      StoreF32(d, hn::Add(LoadF32(d, x + i), LoadF32(d, r + i)), r + i);
+      const VF v = LoadF32(d, r + i);
+      acc = hn::MulAdd(v, v, acc);
+    }
+    if (i < n) {
+      StoreF32Partial(d, hn::Add(LoadF32Partial(d, x + i, n - i), LoadF32Partial(d, r + i, n - i)), r + i,
+                   n - i);
+      const VF v = LoadF32Partial(d, r + i, n - i);
+      acc = hn::MulAdd(v, v, acc);
+    }
+    ss = ReduceSum(d, acc);
+    h = r;
+  } else {
+    ss = SumSquares(x, n);
+  }
+  const VF inv = hn::Set(d, InvRms(ss, n, p.eps));
+  size_t i = 0;
+  for (; i + N <= n; i += N) StoreF32(d, hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, w + i)), y + i);
+  if (i < n) {
+    const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, h + i, n - i), inv), LoadF32Partial(d, w + i, n - i));
+    StoreF32Partial(d, v, y + i, n - i);
+  }
+}
+
+}  // namespace
+
+void RmsNorm(const tk_rmsnorm_params& p, ThreadPool& pool) {
+  const int64_t bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype)) * (p.residual ? 4 : 2);
+  VisitDtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    parallel_ranges(pool, p.rows, task_count(pool, p.rows, bytes), [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t);
+    });
+  });
+}
+
+void Rope(const tk_rope_params& p, ThreadPool& pool) {
+  const bool neox = p.style == TK_ROPE_NEOX;
+  const size_t rot = size_t(p.rot_dim), half = rot / 2;
+  const int64_t heads = p.num_q_heads + (p.k ? p.num_k_heads : 0);
+  const int64_t bytes = p.tokens * heads * p.rot_dim * int64_t(dtype_size(p.dtype)) * 2;
+  VisitDtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    parallel_ranges(pool, p.tokens, task_count(pool, p.tokens, bytes), [&](int64_t t0, int64_t t1, int) {
+      float* gptj = scratch<float>(kScratchLocal0, 2 * rot);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* c = p.cos_table + int64_t(p.positions[t]) * int64_t(half);
+        const float* s = p.sin_table + int64_t(p.positions[t]) * int64_t(half);
+        if (!neox) GptjTables(c, s, rot, gptj, gptj + rot);
+        for (int64_t h = 0; h < p.num_q_heads; ++h)
+          RopeHead(row<T>(p.q, t, p.q_token_stride) + h * p.q_head_stride, neox, rot, c, s, gptj,
+                   gptj + rot);
+        if (p.k)
+          for (int64_t h = 0; h < p.num_k_heads; ++h)
+            RopeHead(row<T>(p.k, t, p.k_token_stride) + h * p.k_head_stride, neox, rot, c, s, gptj,
+                     gptj + rot);
+      }
+    });
+  });
+}
+
+void Swiglu(const tk_swiglu_params& p, ThreadPool& pool) {
+  // Rows are cut into column pieces too, so that a single long row still splits.
+  constexpr int64_t kPiece = 4096;
+  const int64_t pieces = (p.dim + kPiece - 1) / kPiece, units = p.rows * pieces;
+  const int64_t bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype)) * 3;
+  VisitDtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    parallel_ranges(pool, units, task_count(pool, units, bytes), [&](int64_t u0, int64_t u1, int) {
+      const DF d;
+      const size_t N = hn::Lanes(d);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t t = u / pieces, c0 = (u % pieces) * kPiece;
+        const size_t n = size_t(std::min(kPiece, p.dim - c0));
+        const T* g = row<T>(p.gate, t, p.gate_stride) + c0;
+        const T* up = row<T>(p.up, t, p.up_stride) + c0;
+        T* o = row<T>(p.out, t, p.out_stride) + c0;
+        size_t i = 0;
+        for (; i + N <= n; i += N) StoreF32(d, hn::Mul(Silu(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
+        if (i < n) {
+          const VF v = hn::Mul(Silu(d, LoadF32Partial(d, g + i, n - i)), LoadF32Partial(d, up + i, n - i));
+          StoreF32Partial(d, v, o + i, n - i);
+        }
+      }
+    });
+  });
+}
+
+const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace tk::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace tk::cpu {
+HWY_EXPORT(RmsNorm);
+HWY_EXPORT(Rope);
+HWY_EXPORT(Swiglu);
+HWY_EXPORT(TargetName);
+void rmsnorm(const tk_rmsnorm_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(RmsNorm)(p, pool); }
+void rope(const tk_rope_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(Rope)(p, pool); }
+void swiglu(const tk_swiglu_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(Swiglu)(p, pool); }
+const char* simd_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+}  // namespace tk::cpu
+#endif

@@ -1,0 +1,437 @@
+// CPU projections: dense matmul, int4 matmul, the fused FFN front and the fused
+// attention front. All of them are x[T, K] . W[N, K]^T with T small (decode):
+// the weights stream from memory exactly once, the activations (staged once
+// per call as f32 rows) stay in L1/L2, and threads split the N output rows.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/matmul.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+
+#include "cpu/kernels.h"
+#include "cpu/simd-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tk::cpu::HWY_NAMESPACE {
+namespace {
+
+// Tokens per register block. A block keeps kRows x kTokens accumulators plus
+// kRows weight vectors live: 4 x 4 + 4 fits AVX-512's and NEON's 32 vector
+// registers; AVX2 has 16, so it takes 2 tokens at a time.
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+constexpr int kTokens = 2;
+#else
+constexpr int kTokens = 4;
+#endif
+constexpr int kRows = 4;
+// Output rows per task: a multiple of kRows, small enough that T x kBlock f32
+// outputs stay in L1 and that 14336 rows split into many tasks for balance.
+constexpr int64_t kBlock = 64;
+
+size_t RoundUpLanes(size_t n) {
+  const size_t N = hn::Lanes(DF());
+  return (n + N - 1) / N * N;
+}
+
+// Activations as f32 rows padded with zeros to whole vectors, so the inner
+// loops never need a partial load of x.
+struct Staged {
+  const float* x;
+  size_t stride;  // >= K, a multiple of the vector length
+  int64_t T;
+};
+
+template <class T>
+const T* RowPtr(const void* base, int64_t r, int64_t stride) {
+  return static_cast<const T*>(base) + r * stride;
+}
+
+Staged StageRows(tk_dtype dtype, const void* x, int64_t x_stride, int64_t T, int64_t K,
+                 ScratchSlot slot) {
+  const size_t stride = RoundUpLanes(size_t(K));
+  float* xs = scratch<float>(slot, size_t(T) * stride);
+  const size_t es = dtype_size(dtype);
+  for (int64_t t = 0; t < T; ++t) {
+    float* r = xs + size_t(t) * stride;
+    RowToF32(dtype, static_cast<const char*>(x) + t * x_stride * int64_t(es), r, size_t(K));
+    for (size_t k = size_t(K); k < stride; ++k) r[k] = 0.0f;
+  }
+  return {xs, stride, T};
+}
+
+// h[t] = rmsnorm(x[t]) * norm_weight, f32, staged like StageRows.
+Staged StageNormRows(tk_dtype dtype, const void* x, int64_t x_stride, const void* norm_weight,
+                     float eps, int64_t T, int64_t D, ScratchSlot slot) {
+  const size_t stride = RoundUpLanes(size_t(D));
+  float* hs = scratch<float>(slot, size_t(T) * stride);
+  VisitDtype(dtype, [&](auto tag) {
+    using TA = typename decltype(tag)::type;
+    for (int64_t t = 0; t < T; ++t) {
+      const TA* xr = RowPtr<TA>(x, t, x_stride);
+      float* h = hs + size_t(t) * stride;
+      const float inv = InvRms(SumSquares(xr, size_t(D)), size_t(D), eps);
+      NormRowF32(xr, static_cast<const TA*>(norm_weight), inv, h, size_t(D));
+      for (size_t k = size_t(D); k < stride; ++k) h[k] = 0.0f;
+    }
+  });
+  return {hs, stride, T};
+}
+
+// ---------------------------------------------------------------------------
+// Dense rows.
+
+// out[tb][r] = w_r . x_tb for kRows weight rows and TB tokens.
+template <int TB, class TW>
+HWY_INLINE void DenseBlock(const TW* const* HWY_RESTRICT w, const float* HWY_RESTRICT x,
+                           size_t xstride, size_t K, float out[kTokens][kRows]) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF acc[TB][kRows];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < kRows; ++r) acc[t][r] = hn::Zero(d);
+  size_t k = 0;
+  for (; k + N <= K; k += N) {
+    VF wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = LoadF32(d, w[r] + k);
+    for (int t = 0; t < TB; ++t) {
+      const VF xv = hn::LoadU(d, x + size_t(t) * xstride + k);
+      for (int r = 0; r < kRows; ++r) acc[t][r] = hn::MulAdd(wv[r], xv, acc[t][r]);
+    }
+  }
+  if (k < K) {
+    VF wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = LoadF32Partial(d, w[r] + k, K - k);
+    for (int t = 0; t < TB; ++t) {
+      const VF xv = hn::LoadU(d, x + size_t(t) * xstride + k);
+      for (int r = 0; r < kRows; ++r) acc[t][r] = hn::MulAdd(wv[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < kRows; ++r) out[t][r] = ReduceSum(d, acc[t][r]);
+}
+
+// tile[t * ld + (n - n0)] = W[n] . x[t] for n in [n0, n1), every staged token.
+template <class TW>
+void DenseRows(const TW* w, int64_t w_stride, int64_t K, int64_t n0, int64_t n1, const Staged& a,
+               float* tile, size_t ld) {
+  float out[kTokens][kRows];
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int rows = int(std::min<int64_t>(kRows, n1 - n));
+    const TW* wr[kRows];
+    // Missing rows of the last block repeat row n: computed, then dropped.
+    for (int r = 0; r < kRows; ++r) wr[r] = w + (n + (r < rows ? r : 0)) * w_stride;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kTokens) {
+      const int tb = int(std::min<int64_t>(kTokens, a.T - t0));
+      const float* x = a.x + size_t(t0) * a.stride;
+      switch (tb) {
+        case 1: DenseBlock<1>(wr, x, a.stride, size_t(K), out); break;
+        case 2: DenseBlock<2>(wr, x, a.stride, size_t(K), out); break;
+#if !(HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3)
+        case 3: DenseBlock<3>(wr, x, a.stride, size_t(K), out); break;
+        case 4: DenseBlock<4>(wr, x, a.stride, size_t(K), out); break;
+#endif
+      }
+      for (int t = 0; t < tb; ++t)
+        for (int r = 0; r < rows; ++r) tile[size_t(t0 + t) * ld + size_t(n - n0 + r)] = out[t][r];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// int4 rows (layout in tiny_kernel.h).
+//
+// Byte j of a row holds k = 2j (low nibble) and k = 2j + 1 (high nibble), so
+// the activations are staged split into even and odd elements: a vector of
+// bytes widened to 32-bit lanes then meets x_even in its low nibbles and x_odd
+// in its high nibbles, with no shuffles in the inner loop. The zero point is
+// applied once per group through the group sum of x:
+//   sum_k (q_k - z) x_k = sum_k q_k x_k - z * sum_k x_k.
+
+struct Int4Staged {
+  const float* even;  // [T][K/2]
+  const float* odd;   // [T][K/2]
+  const float* gsum;  // [T][K/group]
+  int64_t T, half, groups;
+};
+
+Int4Staged StageInt4(const Staged& a, int64_t K, int64_t group, ScratchSlot slot) {
+  const int64_t half = K / 2, groups = K / group;
+  float* buf = scratch<float>(slot, size_t(a.T) * size_t(2 * half + groups));
+  float* even = buf;
+  float* odd = buf + a.T * half;
+  float* gsum = odd + a.T * half;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const float* x = a.x + size_t(t) * a.stride;
+    for (int64_t j = 0; j < half; ++j) {
+      even[t * half + j] = x[2 * j];
+      odd[t * half + j] = x[2 * j + 1];
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[k];
+      gsum[t * groups + g] = s;
+    }
+  }
+  return {even, odd, gsum, a.T, half, groups};
+}
+
+// out[tb] = dequant(W[n]) . x[t0 + tb] for TB tokens.
+template <int TB>
+HWY_INLINE void Int4Block(const tk_int4_weights& w, int64_t n, const Int4Staged& a, int64_t t0,
+                          float* out) {
+  const DF d;
+  const hn::RebindToSigned<DF> di;
+  const hn::Rebind<uint8_t, DF> d8;
+  const size_t N = hn::Lanes(d);
+  // A group holds group/2 >= 16 bytes and N <= 16, so groups are whole vectors.
+  const int64_t gbytes = w.group_size / 2;
+  const uint8_t* q = w.packed + n * a.half;
+  VF acc[TB];
+  float zterm[TB];
+  for (int t = 0; t < TB; ++t) {
+    acc[t] = hn::Zero(d);
+    zterm[t] = 0.0f;
+  }
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t gi = n * a.groups + g;
+    const float scale = load_as_f32(w.scale_dtype, w.scales, gi);
+    const float zero = float(w.zeros ? w.zeros[gi] : 8);
+    VF ga[TB];
+    for (int t = 0; t < TB; ++t) ga[t] = hn::Zero(d);
+    for (int64_t j = g * gbytes; j < (g + 1) * gbytes; j += int64_t(N)) {
+      const auto b = hn::PromoteTo(di, hn::LoadU(d8, q + j));
+      const VF lo = hn::ConvertTo(d, hn::And(b, hn::Set(di, 15)));
+      const VF hi = hn::ConvertTo(d, hn::ShiftRight<4>(b));
+      for (int t = 0; t < TB; ++t) {
+        const int64_t row = (t0 + t) * a.half + j;
+        ga[t] = hn::MulAdd(lo, hn::LoadU(d, a.even + row), ga[t]);
+        ga[t] = hn::MulAdd(hi, hn::LoadU(d, a.odd + row), ga[t]);
+      }
+    }
+    const VF s = hn::Set(d, scale);
+    for (int t = 0; t < TB; ++t) {
+      acc[t] = hn::MulAdd(ga[t], s, acc[t]);
+      zterm[t] += scale * zero * a.gsum[(t0 + t) * a.groups + g];
+    }
+  }
+  for (int t = 0; t < TB; ++t) out[t] = ReduceSum(d, acc[t]) - zterm[t];
+}
+
+void Int4Rows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
+              size_t ld) {
+  float out[kTokens];
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t t0 = 0; t0 < a.T; t0 += kTokens) {
+      const int tb = int(std::min<int64_t>(kTokens, a.T - t0));
+      switch (tb) {
+        case 1: Int4Block<1>(w, n, a, t0, out); break;
+        case 2: Int4Block<2>(w, n, a, t0, out); break;
+#if !(HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3)
+        case 3: Int4Block<3>(w, n, a, t0, out); break;
+        case 4: Int4Block<4>(w, n, a, t0, out); break;
+#endif
+      }
+      for (int t = 0; t < tb; ++t) tile[size_t(t0 + t) * ld + size_t(n - n0)] = out[t];
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Drivers.
+
+// Runs block(n0, n1, tile) over [0, N) in kBlock pieces spread over the pool;
+// tile is a per-thread [T, kBlock] f32 buffer (row stride kBlock).
+template <class F>
+void ForRowBlocks(ThreadPool& pool, int64_t N, int64_t T, int64_t weight_bytes, ScratchSlot slot,
+                  const F& block) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  const int64_t tasks = task_count(pool, blocks, weight_bytes);
+  parallel_ranges(pool, blocks, tasks, [&](int64_t b0, int64_t b1, int) {
+    float* tile = scratch<float>(slot, size_t(T) * kBlock);
+    for (int64_t b = b0; b < b1; ++b)
+      block(b * kBlock, std::min(N, (b + 1) * kBlock), tile);
+  });
+}
+
+template <class F>
+void VisitWeights(tk_dtype dtype, const void* w, const F& f) {
+  VisitDtype(dtype, [&](auto tag) {
+    using TW = typename decltype(tag)::type;
+    f(static_cast<const TW*>(w));
+  });
+}
+
+void StoreTile(const float* tile, int64_t T, int64_t n0, int64_t n1, tk_dtype dtype, void* y,
+               int64_t y_stride) {
+  const size_t es = dtype_size(dtype);
+  for (int64_t t = 0; t < T; ++t)
+    RowFromF32(tile + size_t(t) * kBlock, dtype,
+               static_cast<char*>(y) + (t * y_stride + n0) * int64_t(es), size_t(n1 - n0));
+}
+
+int64_t Int4Bytes(const tk_int4_weights& w) {
+  return w.N * (w.K / 2 + (w.K / w.group_size) * (w.zeros ? 3 : 2));
+}
+
+// out[t, f] = silu(gate) * up on the [T, kBlock] tiles of rows [n0, n1).
+void SwigluTile(const float* gate, float* up, int64_t T, int64_t n0, int64_t n1) {
+  const DF d;
+  const size_t N = hn::Lanes(d), n = size_t(n1 - n0);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gate + size_t(t) * kBlock;
+    float* u = up + size_t(t) * kBlock;
+    size_t i = 0;
+    for (; i + N <= n; i += N) hn::StoreU(hn::Mul(Silu(d, hn::LoadU(d, g + i)), hn::LoadU(d, u + i)), d, u + i);
+    if (i < n)
+      StoreF32Partial(d, hn::Mul(Silu(d, LoadF32Partial(d, g + i, n - i)), LoadF32Partial(d, u + i, n - i)),
+                   u + i, n - i);
+  }
+}
+
+}  // namespace
+
+void Matmul(const tk_matmul_params& p, ThreadPool& pool) {
+  if (p.T == 0) return;
+  const Staged a = StageRows(p.dtype, p.x, p.x_stride, p.T, p.K, kScratchShared0);
+  const int64_t bytes = p.N * p.K * int64_t(dtype_size(p.weight_dtype));
+  VisitWeights(p.weight_dtype, p.w, [&](auto w) {
+    ForRowBlocks(pool, p.N, p.T, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
+      DenseRows(w, p.w_stride, p.K, n0, n1, a, tile, kBlock);
+      StoreTile(tile, p.T, n0, n1, p.dtype, p.y, p.y_stride);
+    });
+  });
+}
+
+void QmatmulInt4(const tk_qmatmul_int4_params& p, ThreadPool& pool) {
+  if (p.T == 0) return;
+  const Staged a = StageRows(p.dtype, p.x, p.x_stride, p.T, p.w.K, kScratchShared0);
+  const Int4Staged q = StageInt4(a, p.w.K, p.w.group_size, kScratchShared1);
+  ForRowBlocks(pool, p.w.N, p.T, Int4Bytes(p.w), kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
+    Int4Rows(p.w, n0, n1, q, tile, kBlock);
+    StoreTile(tile, p.T, n0, n1, p.dtype, p.y, p.y_stride);
+  });
+}
+
+// SPLIT: the norm once per token (StageNormRows), then one pass over the
+// gate and up rows side by side with silu * up applied to the tiles.
+// NAIVE: the seed's lesson kept honest: every output row recomputes the norm
+// statistics and the normalised row of its token before its two dot products.
+void FusedFfn(const tk_fused_ffn_params& p, ThreadPool& pool) {
+  if (p.T == 0) return;
+  const bool int4 = p.format == TK_WEIGHTS_INT4;
+  const int64_t bytes = int4 ? Int4Bytes(p.q_gate) + Int4Bytes(p.q_up)
+                             : 2 * p.F * p.D * int64_t(dtype_size(p.weight_dtype));
+  if (p.algo == TK_FUSED_NAIVE) {
+    ForRowBlocks(pool, p.F, 1, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
+      float* gate = scratch<float>(kScratchLocal2, kBlock);
+      for (int64_t t = 0; t < p.T; ++t) {
+        for (int64_t f = n0; f < n1; ++f) {
+          const Staged one = StageNormRows(p.dtype, RowPtr<char>(p.x, t, p.x_stride * int64_t(dtype_size(p.dtype))),
+                                           0, p.norm_weight, p.eps, 1, p.D, kScratchLocal1);
+          if (int4) {
+            const Int4Staged q = StageInt4(one, p.D, p.q_gate.group_size, kScratchLocal3);
+            Int4Rows(p.q_gate, f, f + 1, q, gate + (f - n0), 0);
+            if (p.q_up.group_size != p.q_gate.group_size) {
+              const Int4Staged qu = StageInt4(one, p.D, p.q_up.group_size, kScratchLocal3);
+              Int4Rows(p.q_up, f, f + 1, qu, tile + (f - n0), 0);
+            } else {
+              Int4Rows(p.q_up, f, f + 1, q, tile + (f - n0), 0);
+            }
+          } else {
+            VisitWeights(p.weight_dtype, p.w_gate, [&](auto wg) {
+              using TW = std::remove_cv_t<std::remove_pointer_t<decltype(wg)>>;
+              DenseRows(wg, p.w_gate_stride, p.D, f, f + 1, one, gate + (f - n0), 0);
+              DenseRows(static_cast<const TW*>(p.w_up), p.w_up_stride, p.D, f, f + 1, one,
+                        tile + (f - n0), 0);
+            });
+          }
+        }
+        SwigluTile(gate, tile, 1, n0, n1);
+        StoreTile(tile, 1, n0, n1, p.dtype,
+                  static_cast<char*>(p.out) + t * p.out_stride * int64_t(dtype_size(p.dtype)), 0);
+      }
+    });
+    return;
+  }
+  const Staged h = StageNormRows(p.dtype, p.x, p.x_stride, p.norm_weight, p.eps, p.T, p.D,
+                                 kScratchShared0);
+  if (int4) {
+    const Int4Staged qg = StageInt4(h, p.D, p.q_gate.group_size, kScratchShared1);
+    const Int4Staged qu = p.q_up.group_size == p.q_gate.group_size
+                              ? qg
+                              : StageInt4(h, p.D, p.q_up.group_size, kScratchShared2);
+    ForRowBlocks(pool, p.F, p.T, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
+      float* gate = scratch<float>(kScratchLocal1, size_t(p.T) * kBlock);
+      Int4Rows(p.q_gate, n0, n1, qg, gate, kBlock);
+      Int4Rows(p.q_up, n0, n1, qu, tile, kBlock);
+      SwigluTile(gate, tile, p.T, n0, n1);
+      StoreTile(tile, p.T, n0, n1, p.dtype, p.out, p.out_stride);
+    });
+    return;
+  }
+  VisitWeights(p.weight_dtype, p.w_gate, [&](auto wg) {
+    using TW = std::remove_cv_t<std::remove_pointer_t<decltype(wg)>>;
+    const TW* wu = static_cast<const TW*>(p.w_up);
+    ForRowBlocks(pool, p.F, p.T, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
+      float* gate = scratch<float>(kScratchLocal1, size_t(p.T) * kBlock);
+      DenseRows(wg, p.w_gate_stride, p.D, n0, n1, h, gate, kBlock);
+      DenseRows(wu, p.w_up_stride, p.D, n0, n1, h, tile, kBlock);
+      SwigluTile(gate, tile, p.T, n0, n1);
+      StoreTile(tile, p.T, n0, n1, p.dtype, p.out, p.out_stride);
+    });
+  });
+}
+
+// rmsnorm -> one projection to f32 [T, (Hq + 2 Hkv) Dh] -> rope in f32 -> a
+// single rounding on the way to q_out and the cache.
+void AttnFront(const tk_attn_front_params& p, ThreadPool& pool) {
+  if (p.T == 0) return;
+  const tk_paged_kv_cache& c = p.cache;
+  const int64_t hq = p.num_q_heads, hkv = c.num_kv_heads, dh = c.head_dim;
+  const int64_t rows = (hq + 2 * hkv) * dh;
+  const Staged h = StageNormRows(p.dtype, p.x, p.x_stride, p.norm_weight, p.eps, p.T, p.D,
+                                 kScratchShared0);
+  float* qkv = scratch<float>(kScratchShared1, size_t(p.T * rows));
+  const int64_t bytes = rows * p.D * int64_t(dtype_size(p.dtype));
+  VisitWeights(p.dtype, p.w_qkv, [&](auto w) {
+    ForRowBlocks(pool, rows, p.T, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float*) {
+      DenseRows(w, p.w_qkv_stride, p.D, n0, n1, h, qkv + n0, size_t(rows));
+    });
+  });
+  const size_t rot = size_t(p.rot_dim), half = rot / 2, es = dtype_size(p.dtype);
+  const bool neox = p.rope_style == TK_ROPE_NEOX;
+  parallel_ranges(pool, p.T, task_count(pool, p.T, p.T * rows * 8), [&](int64_t t0, int64_t t1, int) {
+    float* gptj = scratch<float>(kScratchLocal1, 2 * rot);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pos = p.positions[t];
+      const float* cs = p.cos_table + pos * int64_t(half);
+      const float* sn = p.sin_table + pos * int64_t(half);
+      if (!neox) GptjTables(cs, sn, rot, gptj, gptj + rot);
+      float* r = qkv + t * rows;
+      for (int64_t head = 0; head < hq + hkv; ++head)  // q heads, then k heads
+        RopeHead(r + head * dh, neox, rot, cs, sn, gptj, gptj + rot);
+      RowFromF32(r, p.dtype, static_cast<char*>(p.q_out) + t * hq * dh * int64_t(es), size_t(hq * dh));
+      const int64_t block = c.block_table[int64_t(p.seq_ids[t]) * c.max_blocks_per_seq + pos / c.page_size];
+      const int64_t slot = (block * c.page_size + pos % c.page_size) * hkv * dh;
+      RowFromF32(r + hq * dh, p.dtype, static_cast<char*>(c.k) + slot * int64_t(es), size_t(hkv * dh));
+      RowFromF32(r + (hq + hkv) * dh, p.dtype, static_cast<char*>(c.v) + slot * int64_t(es),
+                 size_t(hkv * dh));
+    }
+  });
+}
+
+}  // namespace tk::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace tk::cpu {
+HWY_EXPORT(Matmul);
+HWY_EXPORT(QmatmulInt4);
+HWY_EXPORT(FusedFfn);
+HWY_EXPORT(AttnFront);
+void matmul(const tk_matmul_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(Matmul)(p, pool); }
+void qmatmul_int4(const tk_qmatmul_int4_params& p, ThreadPool& pool) {
+  HWY_DYNAMIC_DISPATCH(QmatmulInt4)(p, pool);
+}
+void fused_ffn(const tk_fused_ffn_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(FusedFfn)(p, pool); }
+void attn_front(const tk_attn_front_params& p, ThreadPool& pool) { HWY_DYNAMIC_DISPATCH(AttnFront)(p, pool); }
+}  // namespace tk::cpu
+#endif

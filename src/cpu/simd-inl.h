@@ -1,0 +1,314 @@
+// The one vectorised load / convert / store layer of the CPU backend, compiled
+// once per SIMD target (Highway's foreach_target idiom: this header is included
+// again for every target, so it uses a toggling include guard).
+//
+// Storage types are float, hwy::float16_t and hwy::bfloat16_t; arithmetic is
+// always f32. Every kernel loads and stores activations, weights and caches
+// through Load / Store / LoadPartial / StorePartial below, never by hand.
+#if defined(TK_CPU_SIMD_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef TK_CPU_SIMD_INL_H_
+#undef TK_CPU_SIMD_INL_H_
+#else
+#define TK_CPU_SIMD_INL_H_
+#endif
+
+#include <cmath>
+#include <cstring>
+
+#include "core/dtype.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace tk::cpu::HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using f16 = hwy::float16_t;
+using bf16 = hwy::bfloat16_t;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// Hardware f16 <-> f32 conversion (round to nearest even, Inf/NaN kept): F16C
+// on x86 from AVX2 up, native on NEON. Highway 1.0.3's emulation elsewhere
+// truncates, so those targets convert lane by lane with core/dtype.h instead.
+#if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2) || (HWY_ARCH_ARM_A64 && HWY_TARGET == HWY_NEON)
+constexpr bool kNativeF16 = true;
+#else
+constexpr bool kNativeF16 = false;
+#endif
+
+// The widest vector of any target here, in floats: bounds the stack buffers
+// that hold partial vectors.
+constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(float);
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the storage type of `dtype`. The switch that turns
+// a runtime dtype into a template argument, in one place.
+template <class F>
+HWY_INLINE void VisitDtype(tk_dtype dtype, const F& f) {
+  switch (dtype) {
+    case TK_F32: f(Tag<float>{}); break;
+    case TK_F16: f(Tag<f16>{}); break;
+    case TK_BF16: f(Tag<bf16>{}); break;
+  }
+}
+
+HWY_INLINE uint16_t Bits16(const void* p) {
+  uint16_t u;
+  std::memcpy(&u, p, 2);
+  return u;
+}
+
+// ---------------------------------------------------------------------------
+// Full vectors: Lanes(d) elements at p (no alignment needed).
+
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF32(D d, const float* HWY_RESTRICT p) {
+  return hn::LoadU(d, p);
+}
+
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF32(D d, const bf16* HWY_RESTRICT p) {
+  const hn::Rebind<bf16, D> dh;
+  return hn::PromoteTo(d, hn::LoadU(dh, p));
+}
+
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF32(D d, const f16* HWY_RESTRICT p) {
+  if constexpr (kNativeF16) {
+    const hn::Rebind<f16, D> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, p));
+  } else {
+    alignas(64) float buf[kMaxLanes];
+    for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = f16_to_f32(Bits16(p + i));
+    return hn::Load(d, buf);
+  }
+}
+
+template <class D>
+HWY_INLINE void StoreF32(D d, hn::Vec<D> v, float* HWY_RESTRICT p) {
+  hn::StoreU(v, d, p);
+}
+
+// f32 -> bf16 with round to nearest even (Highway 1.0.3's DemoteTo truncates).
+template <class D>
+HWY_INLINE void StoreF32(D /*d*/, hn::Vec<D> v, bf16* HWY_RESTRICT p) {
+  const hn::RebindToUnsigned<D> du;
+  const hn::RebindToSigned<D> di;
+  const hn::Rebind<uint16_t, D> du16;
+  const auto bits = hn::BitCast(du, v);
+  const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1));
+  const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(lsb, hn::Set(du, 0x7fff))));
+  const auto quiet = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x40));
+  const auto is_nan = hn::Ne(v, v);
+  const auto out = hn::IfThenElse(hn::RebindMask(du, is_nan), quiet, rounded);
+  hn::StoreU(hn::BitCast(hn::Rebind<bf16, D>(), hn::DemoteTo(du16, hn::BitCast(di, out))),
+             hn::Rebind<bf16, D>(), p);
+}
+
+template <class D>
+HWY_INLINE void StoreF32(D d, hn::Vec<D> v, f16* HWY_RESTRICT p) {
+  if constexpr (kNativeF16) {
+    const hn::Rebind<f16, D> dh;
+    hn::StoreU(hn::DemoteTo(dh, v), dh, p);
+  } else {
+    alignas(64) float buf[kMaxLanes];
+    hn::Store(v, d, buf);
+    for (size_t i = 0; i < hn::Lanes(d); ++i) {
+      const uint16_t h = f32_to_f16(buf[i]);
+      std::memcpy(p + i, &h, 2);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Partial vectors: the first n < Lanes(d) elements; the other lanes load as 0
+// and are never written. Row tails go through these, so no kernel reads or
+// writes past the end of a row.
+
+template <class D, class T>
+HWY_INLINE hn::Vec<D> LoadF32Partial(D d, const T* HWY_RESTRICT p, size_t n) {
+  alignas(64) T buf[kMaxLanes] = {};
+  std::memcpy(buf, p, n * sizeof(T));
+  return LoadF32(d, buf);
+}
+
+template <class D, class T>
+HWY_INLINE void StoreF32Partial(D d, hn::Vec<D> v, T* HWY_RESTRICT p, size_t n) {
+  alignas(64) T buf[kMaxLanes];
+  StoreF32(d, v, buf);
+  std::memcpy(p, buf, n * sizeof(T));
+}
+
+// ---------------------------------------------------------------------------
+// Whole rows.
+
+// dst[0, n) = float(src[0, n)).
+template <class T>
+HWY_INLINE void RowToF32(const T* HWY_RESTRICT src, float* HWY_RESTRICT dst, size_t n) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  size_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(LoadF32(d, src + i), d, dst + i);
+  if (i < n) StoreF32Partial(d, LoadF32Partial(d, src + i, n - i), dst + i, n - i);
+}
+
+// dst[0, n) = T(src[0, n)), rounded to nearest even.
+template <class T>
+HWY_INLINE void RowFromF32(const float* HWY_RESTRICT src, T* HWY_RESTRICT dst, size_t n) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  size_t i = 0;
+  for (; i + N <= n; i += N) StoreF32(d, hn::LoadU(d, src + i), dst + i);
+  if (i < n) StoreF32Partial(d, LoadF32Partial(d, src + i, n - i), dst + i, n - i);
+}
+
+HWY_INLINE void RowToF32(tk_dtype dtype, const void* src, float* dst, size_t n) {
+  VisitDtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    RowToF32(static_cast<const T*>(src), dst, n);
+  });
+}
+
+HWY_INLINE void RowFromF32(const float* src, tk_dtype dtype, void* dst, size_t n) {
+  VisitDtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    RowFromF32(src, static_cast<T*>(dst), n);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Math.
+
+HWY_INLINE float ReduceSum(DF d, VF v) { return hn::GetLane(hn::SumOfLanes(d, v)); }
+
+// e^x for any x <= 88 (below -87 it returns a value < 1e-37 instead of the
+// denormal; callers that need exact zeros mask them).
+HWY_INLINE VF ExpClamped(DF d, VF x) { return hn::Exp(d, hn::Max(x, hn::Set(d, -87.0f))); }
+
+// silu(g) = g / (1 + e^-g); e^-g saturates at e^88 so very negative g gives -0.
+HWY_INLINE VF Silu(DF d, VF g) {
+  const VF e = hn::Exp(d, hn::Min(hn::Neg(g), hn::Set(d, 88.0f)));
+  return hn::Div(g, hn::Add(hn::Set(d, 1.0f), e));
+}
+
+// Dot product of two f32 rows of n elements.
+HWY_INLINE float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF s0 = hn::Zero(d), s1 = hn::Zero(d);
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
+    s1 = hn::MulAdd(hn::LoadU(d, a + i + N), hn::LoadU(d, b + i + N), s1);
+  }
+  for (; i + N <= n; i += N) s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
+  if (i < n) s1 = hn::MulAdd(LoadF32Partial(d, a + i, n - i), LoadF32Partial(d, b + i, n - i), s1);
+  return ReduceSum(d, hn::Add(s0, s1));
+}
+
+// Sum of squares of a row of T.
+template <class T>
+HWY_INLINE float SumSquares(const T* HWY_RESTRICT x, size_t n) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF s0 = hn::Zero(d), s1 = hn::Zero(d);
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const VF a = LoadF32(d, x + i), b = LoadF32(d, x + i + N);
+    s0 = hn::MulAdd(a, a, s0);
+    s1 = hn::MulAdd(b, b, s1);
+  }
+  for (; i + N <= n; i += N) {
+    const VF a = LoadF32(d, x + i);
+    s0 = hn::MulAdd(a, a, s0);
+  }
+  if (i < n) {
+    const VF a = LoadF32Partial(d, x + i, n - i);
+    s1 = hn::MulAdd(a, a, s1);
+  }
+  return ReduceSum(d, hn::Add(s0, s1));
+}
+
+// h[0, n) = x * inv_rms * w, in f32: the normalised row that fused ops feed
+// straight into their projections (never rounded to the activation dtype).
+template <class T>
+HWY_INLINE void NormRowF32(const T* HWY_RESTRICT x, const T* HWY_RESTRICT w, float inv_rms,
+                           float* HWY_RESTRICT h, size_t n) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  const VF inv = hn::Set(d, inv_rms);
+  size_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(hn::Mul(hn::Mul(LoadF32(d, x + i), inv), LoadF32(d, w + i)), d, h + i);
+  if (i < n) {
+    const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, x + i, n - i), inv), LoadF32Partial(d, w + i, n - i));
+    StoreF32Partial(d, v, h + i, n - i);
+  }
+}
+
+HWY_INLINE float InvRms(float sum_squares, size_t n, float eps) {
+  return 1.0f / std::sqrt(sum_squares / float(n) + eps);
+}
+
+// Rotates the first rot_dim elements of one head in place (both pairings).
+// cos_row / sin_row: the table rows of this position, rot_dim/2 each.
+// GPT-J pairs are adjacent, so its rotation needs the table duplicated per
+// pair: gptj_cos / gptj_sin hold (c0, c0, c1, c1, ...) and (-s0, s0, -s1, s1,
+// ...), built once per token by GptjTables and shared by all its heads.
+template <class T>
+HWY_INLINE void RopeHead(T* HWY_RESTRICT head, bool neox, size_t rot_dim,
+                         const float* HWY_RESTRICT cos_row, const float* HWY_RESTRICT sin_row,
+                         const float* HWY_RESTRICT gptj_cos, const float* HWY_RESTRICT gptj_sin) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  if (neox) {
+    const size_t half = rot_dim / 2;
+    T* HWY_RESTRICT a = head;
+    T* HWY_RESTRICT b = head + half;
+    for (size_t i = 0; i < half; i += N) {
+      const size_t n = half - i < N ? half - i : N;
+      const VF x0 = n == N ? LoadF32(d, a + i) : LoadF32Partial(d, a + i, n);
+      const VF x1 = n == N ? LoadF32(d, b + i) : LoadF32Partial(d, b + i, n);
+      const VF c = n == N ? hn::LoadU(d, cos_row + i) : LoadF32Partial(d, cos_row + i, n);
+      const VF s = n == N ? hn::LoadU(d, sin_row + i) : LoadF32Partial(d, sin_row + i, n);
+      const VF y0 = hn::NegMulAdd(x1, s, hn::Mul(x0, c));
+      const VF y1 = hn::MulAdd(x1, c, hn::Mul(x0, s));
+      if (n == N) {
+        StoreF32(d, y0, a + i);
+        StoreF32(d, y1, b + i);
+      } else {
+        StoreF32Partial(d, y0, a + i, n);
+        StoreF32Partial(d, y1, b + i, n);
+      }
+    }
+  } else {
+    for (size_t i = 0; i < rot_dim; i += N) {
+      const size_t n = rot_dim - i < N ? rot_dim - i : N;
+      const VF x = n == N ? LoadF32(d, head + i) : LoadF32Partial(d, head + i, n);
+      const VF c = n == N ? hn::LoadU(d, gptj_cos + i) : LoadF32Partial(d, gptj_cos + i, n);
+      const VF s = n == N ? hn::LoadU(d, gptj_sin + i) : LoadF32Partial(d, gptj_sin + i, n);
+      const VF y = hn::MulAdd(hn::Reverse2(d, x), s, hn::Mul(x, c));
+      if (n == N) StoreF32(d, y, head + i);
+      else StoreF32Partial(d, y, head + i, n);
+    }
+  }
+}
+
+HWY_INLINE void GptjTables(const float* cos_row, const float* sin_row, size_t rot_dim,
+                           float* gptj_cos, float* gptj_sin) {
+  for (size_t i = 0; i < rot_dim / 2; ++i) {
+    gptj_cos[2 * i] = gptj_cos[2 * i + 1] = cos_row[i];
+    gptj_sin[2 * i] = -sin_row[i];
+    gptj_sin[2 * i + 1] = sin_row[i];
+  }
+}
+
+}  // namespace tk::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard toggle
