@@ -1,8 +1,134 @@
-// PLACEHOLDER: matmul on CUDA is not implemented yet.
+// Dense matmul on CUDA: y[T, N] = x[T, K] . W[N, K]^T.
+// Decode sizes (and every shape cuBLASLt does not take) run our weight-streaming
+// kernel (matvec.cuh): T is cut into tiles of kT rows; the tiles that share a
+// block of W rows are adjacent in the grid, so W comes from HBM once and from
+// L2 for the other tiles. Prefill sizes (T >= 64) with one dtype go to
+// cuBLASLt, whose tensor-core GEMMs win there.
+#include "cuda/matvec.cuh"
 #include "cuda/ops.h"
 
 namespace tk::cuda {
-tk_status matmul(const tk_matmul_params&, const Launch&) {
-  return fail(TK_ERR_UNSUPPORTED, "matmul: not implemented on the cuda backend");
+namespace {
+
+constexpr int kRows = 4;            // W rows per warp
+constexpr int64_t kBlasMinT = 64;   // from here on a GEMM is compute-bound: cuBLASLt
+
+template <class Tw, int kW, int kT>
+__global__ void __launch_bounds__(kMvWarps * 32)
+    matmul_kernel(tk_matmul_params p, int64_t t_tiles, int ksplit) {
+  __shared__ float red[kMvWarps * kT * kRows];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t tile = blockIdx.x % t_tiles, row_block = blockIdx.x / t_tiles;
+  const int groups = kMvWarps / ksplit, kpart = warp % ksplit;
+  const int64_t n0 = (row_block * groups + warp / ksplit) * kRows;
+  const Tw* w[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+    w[r] = static_cast<const Tw*>(p.w) + std::min<int64_t>(n0 + r, p.N - 1) * p.w_stride;
+  const int64_t t0 = tile * kT;
+  const int64_t xsz = p.dtype == TK_F32 ? 4 : 2;
+  const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * xsz, p.x_stride * xsz,
+                int(std::min<int64_t>(kT, p.T - t0)), p.dtype, nullptr};
+  float acc[kT][kRows] = {};
+  mv_dot<Tw, kW, kT, kRows, false>(w, a, int64_t(kpart) * 32 + lane, p.K / kW, 32 * ksplit, acc);
+  mv_reduce<kT, kRows>(acc, red, ksplit);
+  if (kpart != 0) return;
+#pragma unroll
+  for (int t = 0; t < kT; ++t)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (lane == (t * kRows + r) % 32 && t < a.rows && n0 + r < p.N)
+        store_any(p.dtype, p.y, (t0 + t) * p.y_stride + n0 + r, acc[t][r]);
 }
+
+template <class Tw, int kW, int kT>
+tk_status launch_tiles(const tk_matmul_params& p, const Launch& l) {
+  const int64_t t_tiles = (p.T + kT - 1) / kT;
+  const int64_t row_warps = (p.N + kRows - 1) / kRows;
+  const int ksplit = mv_ksplit(row_warps * t_tiles, p.K / kW, l.num_sms);
+  const int64_t rows_per_block = int64_t(kRows) * (kMvWarps / ksplit);
+  const int64_t blocks = (p.N + rows_per_block - 1) / rows_per_block * t_tiles;
+  if (blocks >= (int64_t(1) << 31))
+    return fail(TK_ERR_UNSUPPORTED, "matmul: T = %lld x N = %lld is too large for one launch",
+                (long long)p.T, (long long)p.N);
+  matmul_kernel<Tw, kW, kT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit);
+  return check_launch("matmul");
+}
+
+template <class Tw>
+tk_status launch_ours(const tk_matmul_params& p, const Launch& l) {
+  const size_t xsz = p.dtype == TK_F32 ? 4 : 2;
+  const bool vec = p.K % kPack<Tw> == 0 && rows_aligned16(p.w, p.w_stride, sizeof(Tw), p.N) &&
+                   rows_aligned16(p.x, p.x_stride, xsz, p.T);
+  if (!vec) return launch_tiles<Tw, 1, 1>(p, l);  // odd sizes or unaligned: correct, not fast
+  if (p.T == 1) return launch_tiles<Tw, kPack<Tw>, 1>(p, l);
+  if (p.T <= 4) return launch_tiles<Tw, kPack<Tw>, 4>(p, l);
+  return launch_tiles<Tw, kPack<Tw>, 8>(p, l);
+}
+
+cudaDataType_t blas_type(tk_dtype d) {
+  return d == TK_F32 ? CUDA_R_32F : d == TK_F16 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+// y^T[N, T] = W[N, K] . x^T[K, T] in cuBLASLt's column-major terms: W is a
+// column-major [K, N] matrix used transposed, x a column-major [K, T] one.
+// Returns false (nothing launched) when cuBLASLt offers no algorithm, e.g. for
+// strides it cannot take. f32 computes in full f32 (no TF32).
+bool try_blas(const tk_matmul_params& p, const Launch& l, tk_status* status) {
+  if (!l.blas) return false;
+  const cudaDataType_t dt = blas_type(p.dtype);
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  bool ok = false;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatrixLayoutCreate(&la, dt, uint64_t(p.K), uint64_t(p.N), p.w_stride) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatrixLayoutCreate(&lb, dt, uint64_t(p.K), uint64_t(p.T), p.x_stride) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatrixLayoutCreate(&lc, dt, uint64_t(p.N), uint64_t(p.T), p.y_stride) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                           &l.blas_workspace_bytes,
+                                           sizeof l.blas_workspace_bytes) == CUBLAS_STATUS_SUCCESS) {
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    if (cublasLtMatmulAlgoGetHeuristic(l.blas, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
+            CUBLAS_STATUS_SUCCESS &&
+        found > 0) {
+      const float alpha = 1.0f, beta = 0.0f;
+      const cublasStatus_t s = cublasLtMatmul(l.blas, op, &alpha, p.w, la, p.x, lb, &beta, p.y, lc,
+                                              p.y, lc, &heur.algo, l.blas_workspace,
+                                              l.blas_workspace_bytes, l.stream);
+      ok = true;
+      *status = s == CUBLAS_STATUS_SUCCESS
+                    ? check_launch("matmul (cuBLASLt)")
+                    : fail(TK_ERR_BACKEND, "matmul: cublasLtMatmul failed (status %d)", int(s));
+    }
+  }
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (op) cublasLtMatmulDescDestroy(op);
+  return ok;
+}
+
+}  // namespace
+
+// Our kernel alone, whatever T is (the bench shows it beside cuBLASLt).
+tk_status matmul_ours(const tk_matmul_params& p, const Launch& l) {
+  if (p.T == 0) return TK_OK;
+  TK_DISPATCH_DTYPE(p.weight_dtype, Tw, return launch_ours<Tw>(p, l);)
+  return fail(TK_ERR_UNSUPPORTED, "matmul: unsupported weight dtype %d", int(p.weight_dtype));
+}
+
+tk_status matmul(const tk_matmul_params& p, const Launch& l) {
+  if (p.T == 0) return TK_OK;
+  tk_status status = TK_OK;
+  if (p.T >= kBlasMinT && p.dtype == p.weight_dtype && try_blas(p, l, &status)) return status;
+  return matmul_ours(p, l);
+}
+
 }  // namespace tk::cuda
