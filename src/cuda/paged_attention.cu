@@ -184,20 +184,23 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads)
     for (int u = 0; u < kU; ++u) {
       const int tok = tok_begin + tile * C::kTile + u * C::kSlots + slot;
       const uint32_t bit = 1u << (stage * kU + u);
-      live &= ~bit;
-      if (tok >= tok_end) continue;
-      if (blk[u] < 0 || blk[u] >= a.num_blocks) {
+      bool ok = tok < tok_end;
+      if (ok && (blk[u] < 0 || blk[u] >= a.num_blocks)) {
         raise_index_error(a.error_flag);
-        continue;
+        ok = false;
       }
-      live |= bit;
-      const int64_t row = ((int64_t(blk[u]) << a.page_shift) | (tok & page_mask)) * tok_stride;
+      live = ok ? live | bit : live & ~bit;
+      // Dead slots are zero-filled, not skipped: their probability is 0, and
+      // 0 x (stale shared memory, possibly NaN) would still poison the sum.
+      const int64_t row =
+          ok ? ((int64_t(blk[u]) << a.page_shift) | (tok & page_mask)) * tok_stride : 0;
       if (a.kv_vec16) {
-        cp_async16(ring_at(stage, u, 0), k_base + row, true);
-        cp_async16(ring_at(stage, u, 1), v_base + row, true);
+        cp_async16(ring_at(stage, u, 0), k_base + row, ok);
+        cp_async16(ring_at(stage, u, 1), v_base + row, ok);
       } else {
-        st_shared16(ring_at(stage, u, 0), load8_unaligned(k_base + row));
-        st_shared16(ring_at(stage, u, 1), load8_unaligned(v_base + row));
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+        st_shared16(ring_at(stage, u, 0), ok ? load8_unaligned(k_base + row) : zero);
+        st_shared16(ring_at(stage, u, 1), ok ? load8_unaligned(v_base + row) : zero);
       }
     }
   };
