@@ -42,7 +42,8 @@ struct TimingOptions {
 struct Peaks {
   double read_gbps = 0;   // streaming read
   double copy_gbps = 0;   // copy, counting read + write
-  double peak_gbps = 0;   // max of the two: the bandwidth roof
+  double update_gbps = 0; // in-place read-modify-write, counting read + write (host only)
+  double peak_gbps = 0;   // the best of them: the bandwidth roof
   double peak_tflops = 0;
   std::string how;        // one line: how the roofs were measured
 };
@@ -56,6 +57,21 @@ class Device {
   // times repeats with the last-level cache (CPU) or L2 (GPU) flushed before
   // each, and returns the median.
   virtual Measurement time(const Op& op, const TimingOptions& opt) = 0;
+  // The same op on `sets.size()` separate buffer sets, taken in turn; a host
+  // device runs them back to back, so each call pays for the write-back of
+  // the previous call's output as it would in a real pipeline.
+  virtual Measurement time_sets(const std::vector<Op>& sets, const TimingOptions& opt) {
+    return time(sets.at(0), opt);
+  }
+  // How many buffer sets of `set_bytes` each the device wants to rotate among.
+  virtual size_t rotation_sets(size_t /*set_bytes*/) const { return 1; }
+  // The buffers the next timed ops touch, so a host device can evict exactly
+  // them from every cache level before each repeat.
+  struct Region {
+    const void* p;
+    size_t bytes;
+  };
+  virtual void set_working_set(std::vector<Region> /*regions*/) {}
 
   // The vendor's dense matmul y[T, N] = x[T, K] . W[N, K]^T (cuBLAS), or an
   // empty Op when this device has none.

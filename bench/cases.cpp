@@ -686,13 +686,13 @@ struct Builder {
 }  // namespace
 
 Arena::~Arena() {
-  for (void* p : ptrs_) tk_free(ctx_, p);
+  for (const Device::Region& r : regions_) tk_free(ctx_, const_cast<void*>(r.p));
 }
 
 void* Arena::alloc(size_t bytes) {
   void* p = nullptr;
   if (tk_malloc(ctx_, bytes, &p) != TK_OK) throw_tk("tk_malloc");
-  ptrs_.push_back(p);
+  regions_.push_back({p, bytes});
   return p;
 }
 

@@ -22,6 +22,7 @@ class Arena {
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
 
+  std::vector<Device::Region> regions() const { return regions_; }
   void* alloc(size_t bytes);                               // throws std::runtime_error
   void* random(tk_dtype dtype, int64_t count, float scale); // uniform in [-scale, scale]
   void* random_bytes(size_t bytes);
@@ -33,7 +34,7 @@ class Arena {
 
  private:
   tk_context* ctx_;
-  std::vector<void*> ptrs_;
+  std::vector<Device::Region> regions_;
 };
 
 struct Baseline {
