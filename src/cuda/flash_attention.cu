@@ -350,7 +350,16 @@ tk_status dispatch_head_dim(const FlashArgs& a, int64_t head_dim, int64_t batch,
                             int64_t max_q, const Launch& l) {
   switch (head_dim) {
     case 64: return launch_flash<T, 64>(a, batch, heads, max_q, l);
-    case 128: return launch_flash<T, 128>(a, batch, heads, max_q, l);
+    case 128: {
+      // A grid under two CTAs per SM leaves SMs idle: halve the row tile to
+      // double the CTAs (H100, B1 H32 S512 causal: 62 -> 81 TFLOP/s). Large
+      // grids keep the 128-row tile, whose K/V reuse is worth more (279 vs 235).
+      using Small = FlashConfig<128, 4, 1, 64>;
+      const int64_t ctas = (max_q + FlashConfig<128>::kBlockM - 1) / FlashConfig<128>::kBlockM *
+                           heads * batch;
+      if (ctas < 2 * int64_t(l.num_sms)) return launch_flash<T, 128, Small>(a, batch, heads, max_q, l);
+      return launch_flash<T, 128>(a, batch, heads, max_q, l);
+    }
     case 256: return launch_flash<T, 256>(a, batch, heads, max_q, l);
     default:
       return fail(TK_ERR_UNSUPPORTED,

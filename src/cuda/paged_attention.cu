@@ -49,8 +49,13 @@ struct PagedArgs {
 };
 
 // Query rows per CTA: each thread keeps kDecodeRows x 8 query and accumulator
-// floats in registers, the bound that keeps it near 128 registers.
-constexpr int kDecodeRows = 8;
+// floats in registers. 4 rows (a Llama GQA group of one token) keep a thread
+// near 128 registers and 4 CTAs per SM; with 8 rows (231 registers, 2 CTAs
+// per SM) a 32-token tile took ~2 us even for a lone CTA on an H100: the loop
+// is latency-bound and needs the occupancy more than the KV reuse. Groups
+// larger than 4 take several row tiles, whose KV re-reads mostly hit L2 (the
+// row tiles of one kv head are neighbours in the grid).
+constexpr int kDecodeRows = 4;
 
 // Threads, tiles and the shared-memory ring. 128 threads with 16 bytes each
 // give 2 KB per token step; kUnroll steps per stage and kStages - 1 stages in
@@ -72,10 +77,10 @@ struct DecodeConfig {
   static_assert(kLanesPerRow <= 32 && 32 % kLanesPerRow == 0, "a token row stays in one warp");
 };
 
-// Split until the grid fills one wave: ~230 registers a thread leave room for
-// 2 CTAs per SM, and a second, partial wave would only add a tail. Below
+// Split until the grid fills one wave (4 CTAs per SM at <= 128 registers and
+// 48 KB of shared memory); a second, partial wave would only add a tail. Below
 // kMinChunk tokens a split costs more in merge traffic than it gains.
-constexpr int kCtasPerSm = 2;
+constexpr int kCtasPerSm = 4;
 constexpr int kMinChunk = 128;
 constexpr int kMaxSplits = 128;
 
@@ -110,7 +115,7 @@ __device__ __forceinline__ SeqInfo seq_info(const PagedArgs& a, int s) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(DecodeConfig<D>::kThreads)
+__global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
     paged_decode_kernel(const PagedArgs a) {
   using C = DecodeConfig<D>;
   constexpr int kU = C::kUnroll, kR = C::kRows, kLanes = C::kLanesPerRow;
@@ -248,9 +253,11 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads)
         sc[u][r] = d;
       }
     }
+    // Every row runs, padding rows included (q 0, vis 0: fully masked): a
+    // per-row exit would split the rows into basic blocks and serialise their
+    // shuffle and exp2 chains, which is the latency this loop lives on.
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
-      if (r >= nrows) break;  // uniform across the CTA
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
 #pragma unroll
@@ -282,7 +289,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads)
       unpack<T>(ld_shared16(ring_at(stage, u, 1)), vf);
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        if (r >= nrows) break;
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(sc[u][r], vf[e], acc[r][e]);
       }
