@@ -7,6 +7,8 @@ endif()
 enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 set_target_properties(tiny_kernel PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)  # CMake 3.25 knows no CUDA20 for nvcc
+# tiny_kernel exists before the default above is set, so it does not inherit it.
+set_target_properties(tiny_kernel PROPERTIES CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
 
 file(GLOB TK_CUDA_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/src/cuda/*.cu)
 target_sources(tiny_kernel PRIVATE ${TK_CUDA_SOURCES})
