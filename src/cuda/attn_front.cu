@@ -62,6 +62,11 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * int64_t(sizeof(T)),
                 p.x_stride * int64_t(sizeof(T)), int(std::min<int64_t>(kT, p.T - t0)), p.dtype,
                 p.norm_weight};
+  float acc[kT][kRows] = {};
+  mv_dot<T, kW, kT, kRows, true>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
+  mv_reduce<kT, kRows>(acc, red, ksplit);
+  // 1/rms of the block's tokens after the weight pass, so that the weight
+  // loads start at once (x is in L1/L2 by now).
   for (int t = warp; t < a.rows; t += kMvWarps) {
     const char* row = a.x + t * a.stride_bytes;
     const float v = x_vec ? mv_inv_rms<true>(p.dtype, row, p.D, p.eps)
@@ -69,10 +74,6 @@ __global__ void __launch_bounds__(kMvWarps * 32)
     if (lane == 0) inv_block[t] = v;
   }
   __syncthreads();
-
-  float acc[kT][kRows] = {};
-  mv_dot<T, kW, kT, kRows, true>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
-  mv_reduce<kT, kRows>(acc, red, ksplit);
   if (kpart != 0) return;
 
   // Lane 2t + j finishes unit j of token t.

@@ -4,7 +4,7 @@
 // needs nothing from other warps and no [T, F] intermediate touches memory.
 // The norm factors in as x * norm_weight along K and one 1/rms per token after
 // the dot products (constant along K).
-//   SPLIT: each block computes the 1/rms of its tokens once, before its weight pass.
+//   SPLIT: each block computes the 1/rms of its tokens once.
 //   NAIVE: every warp (two outputs) recomputes them: the seed's lesson, for the bench.
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
@@ -35,24 +35,6 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * xsz, p.x_stride * xsz,
                 int(std::min<int64_t>(kT, p.T - t0)), p.dtype, p.norm_weight};
 
-  float inv[kT];
-  if (p.algo == TK_FUSED_SPLIT) {
-    for (int t = warp; t < a.rows; t += kMvWarps) {
-      const float v = x_vec ? mv_inv_rms<true>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps)
-                            : mv_inv_rms<false>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps);
-      if (lane == 0) inv_block[t] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < kT; ++t) inv[t] = t < a.rows ? inv_block[t] : 0.0f;
-  } else {
-#pragma unroll
-    for (int t = 0; t < kT; ++t)
-      inv[t] = t < a.rows ? (x_vec ? mv_inv_rms<true>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps)
-                                   : mv_inv_rms<false>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps))
-                          : 0.0f;
-  }
-
   float acc[kT][kRows] = {};
   if constexpr (std::is_void_v<Tw>) {
     QRow w[kRows];
@@ -74,6 +56,26 @@ __global__ void __launch_bounds__(kMvWarps * 32)
     mv_dot<Tw, kW, kT, kRows, true>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
   }
   mv_reduce<kT, kRows>(acc, red, ksplit);
+  // Statistics after the weight pass, so that the weight loads start at once
+  // (x is in L1/L2 by now). SPLIT: once per block. NAIVE: every warp again.
+  float inv[kT];
+  if (p.algo == TK_FUSED_NAIVE) {
+#pragma unroll
+    for (int t = 0; t < kT; ++t)
+      inv[t] = t < a.rows ? (x_vec ? mv_inv_rms<true>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps)
+                                   : mv_inv_rms<false>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps))
+                          : 0.0f;
+  } else {
+    for (int t = warp; t < a.rows; t += kMvWarps) {
+      const char* row = a.x + t * a.stride_bytes;
+      const float v = x_vec ? mv_inv_rms<true>(p.dtype, row, p.D, p.eps)
+                            : mv_inv_rms<false>(p.dtype, row, p.D, p.eps);
+      if (lane == 0) inv_block[t] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kT; ++t) inv[t] = t < a.rows ? inv_block[t] : 0.0f;
+  }
   if (kpart != 0) return;
 #pragma unroll
   for (int t = 0; t < kT; ++t)

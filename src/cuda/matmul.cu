@@ -66,8 +66,22 @@ tk_status launch_ours(const tk_matmul_params& p, const Launch& l) {
   return launch_tiles<Tw, kPack<Tw>, 8>(p, l);
 }
 
+// Largest power of two (<= 256) dividing the address: cuBLASLt assumes 256-byte
+// aligned buffers unless told, and would pick kernels that fault on less.
+uint32_t alignment_of(const void* p) {
+  uint32_t a = 256;
+  while (a > 1 && reinterpret_cast<uintptr_t>(p) % a) a >>= 1;
+  return a;
+}
+
 cudaDataType_t blas_type(tk_dtype d) {
   return d == TK_F32 ? CUDA_R_32F : d == TK_F16 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+bool set_alignment(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr,
+                   const void* ptr) {
+  const uint32_t a = alignment_of(ptr);
+  return cublasLtMatmulPreferenceSetAttribute(pref, attr, &a, sizeof a) == CUBLAS_STATUS_SUCCESS;
 }
 
 // y^T[N, T] = W[N, K] . x^T[K, T] in cuBLASLt's column-major terms: W is a
@@ -91,7 +105,11 @@ bool try_blas(const tk_matmul_params& p, const Launch& l, tk_status* status) {
       cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                            &l.blas_workspace_bytes,
-                                           sizeof l.blas_workspace_bytes) == CUBLAS_STATUS_SUCCESS) {
+                                           sizeof l.blas_workspace_bytes) == CUBLAS_STATUS_SUCCESS &&
+      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w) &&
+      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x) &&
+      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.y) &&
+      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y)) {
     cublasLtMatmulHeuristicResult_t heur{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(l.blas, op, la, lb, lc, lc, pref, 1, &heur, &found) ==

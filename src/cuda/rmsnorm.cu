@@ -3,6 +3,7 @@
 // (and residual) is read once and each output byte written once: the op is
 // bound by HBM bandwidth, 2 (or 4 with residual) bytes moved per element.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/ops.h"
 #include "cuda/reduce.cuh"
@@ -16,28 +17,46 @@ namespace {
 constexpr int kCached = 4;
 
 // kW elements per access: kPack<T> when rows are 16-byte aligned, else 1.
+// The row is cached raw (storage dtype, 4 registers per 16 bytes), not as
+// floats: half the registers, so more rows in flight per SM.
 template <class T, int kW>
-__device__ __forceinline__ void load_w(const T* p, float (&v)[kW]) {
-  if constexpr (kW == 1) v[0] = to_f32(p[0]);
-  else load_pack<T>(p, v);
-}
-template <class T, int kW>
-__device__ __forceinline__ void store_w(T* p, const float (&v)[kW]) {
-  if constexpr (kW == 1) p[0] = from_f32<T>(v[0]);
-  else store_pack<T>(p, v);
-}
+struct Access {
+  using Raw = std::conditional_t<kW == 1, T, uint4>;
+  static __device__ __forceinline__ Raw load(const T* p) {
+    if constexpr (kW == 1) return p[0];
+    else return ld16(p);
+  }
+  static __device__ __forceinline__ void store(T* p, const Raw& r) {
+    if constexpr (kW == 1) p[0] = r;
+    else st16(p, r);
+  }
+  static __device__ __forceinline__ void to_floats(const Raw& r, float (&v)[kW]) {
+    if constexpr (kW == 1) v[0] = to_f32(r);
+    else unpack<T>(r, v);
+  }
+  static __device__ __forceinline__ Raw from_floats(const float (&v)[kW]) {
+    if constexpr (kW == 1) return from_f32<T>(v[0]);
+    else return pack<T>(v);
+  }
+};
 
-// x (+ residual) -> h: residual <- h rounded to T; returns sum of h^2.
-// Each thread reads and writes only its own elements, so y may alias x.
+// x (+ residual) -> h (raw, in T): residual <- h; returns the sum of h^2 (of h
+// as stored). Each thread reads and writes only its own elements, so y may alias x.
 template <class T, int kW>
-__device__ __forceinline__ float load_h(const T* x, T* res, int64_t i, float (&h)[kW]) {
-  load_w<T, kW>(x + i * kW, h);
+__device__ __forceinline__ float load_h(const T* x, T* res, int64_t i,
+                                        typename Access<T, kW>::Raw& raw) {
+  using A = Access<T, kW>;
+  raw = A::load(x + i * kW);
+  float h[kW];
+  A::to_floats(raw, h);
   if (res) {
     float r[kW];
-    load_w<T, kW>(res + i * kW, r);
+    A::to_floats(A::load(res + i * kW), r);
 #pragma unroll
-    for (int e = 0; e < kW; ++e) h[e] = to_f32(from_f32<T>(h[e] + r[e]));
-    store_w<T, kW>(res + i * kW, h);
+    for (int e = 0; e < kW; ++e) h[e] += r[e];
+    raw = A::from_floats(h);
+    A::store(res + i * kW, raw);
+    A::to_floats(raw, h);
   }
   float ss = 0.0f;
 #pragma unroll
@@ -46,17 +65,20 @@ __device__ __forceinline__ float load_h(const T* x, T* res, int64_t i, float (&h
 }
 
 template <class T, int kW>
-__device__ __forceinline__ void store_y(T* y, const T* w, int64_t i, const float (&h)[kW],
-                                        float inv) {
-  float wv[kW], out[kW];
-  load_w<T, kW>(w + i * kW, wv);
+__device__ __forceinline__ void store_y(T* y, const T* w, int64_t i,
+                                        const typename Access<T, kW>::Raw& raw, float inv) {
+  using A = Access<T, kW>;
+  float h[kW], wv[kW], out[kW];
+  A::to_floats(raw, h);
+  A::to_floats(A::load(w + i * kW), wv);
 #pragma unroll
   for (int e = 0; e < kW; ++e) out[e] = h[e] * inv * wv[e];
-  store_w<T, kW>(y + i * kW, out);
+  A::store(y + i * kW, A::from_floats(out));
 }
 
 template <class T, int kW>
 __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
+  using A = Access<T, kW>;
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
@@ -66,7 +88,7 @@ __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
   const int64_t n = p.dim / kW;
   const int tid = threadIdx.x, bd = blockDim.x;
 
-  float cache[kCached][kW];
+  typename A::Raw cache[kCached];
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < kCached; ++j) {
@@ -76,8 +98,8 @@ __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
   // Rows longer than the register cache: the rest is read twice (the second
   // time mostly from L2).
   for (int64_t i = tid + int64_t(kCached) * bd; i < n; i += bd) {
-    float h[kW];
-    ss += load_h<T, kW>(x, res, i, h);
+    typename A::Raw raw;
+    ss += load_h<T, kW>(x, res, i, raw);
   }
   ss = block_sum(ss, scratch);
   const float inv = rsqrtf(ss / float(p.dim) + p.eps);
@@ -87,11 +109,8 @@ __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
     const int64_t i = tid + int64_t(j) * bd;
     if (i < n) store_y<T, kW>(y, w, i, cache[j], inv);
   }
-  for (int64_t i = tid + int64_t(kCached) * bd; i < n; i += bd) {
-    float h[kW];
-    load_w<T, kW>((res ? res : x) + i * kW, h);  // residual already holds h
-    store_y<T, kW>(y, w, i, h, inv);
-  }
+  for (int64_t i = tid + int64_t(kCached) * bd; i < n; i += bd)
+    store_y<T, kW>(y, w, i, A::load((res ? res : x) + i * kW), inv);  // residual holds h
 }
 
 template <class T>
