@@ -286,6 +286,14 @@ HWY_INLINE void RopeHead(T* HWY_RESTRICT head, bool neox, size_t rot_dim,
         StoreF32Partial(d, y1, b + i, n);
       }
     }
+  } else if (N < 2) {
+    // One-lane target: no pair to swap within a vector.
+    for (size_t i = 0; i < rot_dim; i += 2) {
+      const float x0 = hn::GetLane(LoadF32(d, head + i)), x1 = hn::GetLane(LoadF32(d, head + i + 1));
+      const float c = gptj_cos[i], s = gptj_sin[i + 1];
+      StoreF32(d, hn::Set(d, x0 * c - x1 * s), head + i);
+      StoreF32(d, hn::Set(d, x0 * s + x1 * c), head + i + 1);
+    }
   } else {
     for (size_t i = 0; i < rot_dim; i += N) {
       const size_t n = rot_dim - i < N ? rot_dim - i : N;

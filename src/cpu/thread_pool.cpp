@@ -14,7 +14,10 @@ void ThreadPool::resize(int threads) {
   if (threads == size() && (threads == 1 || !workers_.empty())) return;
   stop();
   quit_ = false;
-  for (int t = 1; t < threads; ++t) workers_.emplace_back([this, t] { work(t); });
+  // Workers start from the generation of now, so a job (or stop) published
+  // before a worker thread gets scheduled is not missed.
+  const uint32_t start = generation_.load(std::memory_order_acquire);
+  for (int t = 1; t < threads; ++t) workers_.emplace_back([this, t, start] { work(t, start); });
 }
 
 void ThreadPool::stop() {
@@ -47,8 +50,7 @@ void ThreadPool::run(int64_t tasks, TaskFn call, const void* fn) {
   while (busy_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
-void ThreadPool::work(int thread) {
-  uint32_t seen = generation_.load(std::memory_order_acquire);
+void ThreadPool::work(int thread, uint32_t seen) {
   for (;;) {
     // Spin briefly before sleeping: back-to-back ops (a decode step) then skip
     // the futex wake-up latency.

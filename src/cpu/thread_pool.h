@@ -42,7 +42,7 @@ class ThreadPool {
  private:
   using TaskFn = void (*)(const void* fn, int64_t task, int thread);
   void run(int64_t tasks, TaskFn call, const void* fn);
-  void work(int thread);
+  void work(int thread, uint32_t seen);
   void drain(int thread);
   void stop();
 
