@@ -6,6 +6,10 @@
 #define HWY_TARGET_INCLUDE "cpu/matmul.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include <cmath>
+#include <cstring>
+#include <limits>
+
 #include "cpu/kernels.h"
 #include "cpu/simd-inl.h"
 #include "hwy/highway.h"
@@ -152,13 +156,15 @@ void DenseRows(const TW* w, int64_t w_stride, int64_t K, int64_t n0, int64_t n1,
 //   sum_k (q_k - z) x_k = sum_k q_k x_k - z * sum_k x_k.
 
 struct Int4Staged {
+  // The VNNI path (AVX3_DL) instead fills `vnni` and leaves the rest null.
+  const struct VnniStaged* vnni;
   const float* even;  // [T][K/2]
   const float* odd;   // [T][K/2]
   const float* gsum;  // [T][K/group]
   int64_t T, half, groups;
 };
 
-Int4Staged StageInt4(const Staged& a, int64_t K, int64_t group, ScratchSlot slot) {
+Int4Staged StageInt4Float(const Staged& a, int64_t K, int64_t group, ScratchSlot slot) {
   const int64_t half = K / 2, groups = K / group;
   float* buf = scratch<float>(slot, size_t(a.T) * size_t(2 * half + groups));
   float* even = buf;
@@ -176,7 +182,7 @@ Int4Staged StageInt4(const Staged& a, int64_t K, int64_t group, ScratchSlot slot
       gsum[t * groups + g] = s;
     }
   }
-  return {even, odd, gsum, a.T, half, groups};
+  return {nullptr, even, odd, gsum, a.T, half, groups};
 }
 
 // out[tb] = dequant(W[n]) . x[t0 + tb] for TB tokens.
@@ -221,8 +227,8 @@ HWY_INLINE void Int4Block(const tk_int4_weights& w, int64_t n, const Int4Staged&
   for (int t = 0; t < TB; ++t) out[t] = ReduceSum(d, acc[t]) - zterm[t];
 }
 
-void Int4Rows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
-              size_t ld) {
+void Int4RowsFloat(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
+                   size_t ld) {
   float out[kTokens];
   for (int64_t c0 = 0; c0 < a.T; c0 += kTokenChunk)
   for (int64_t n = n0; n < n1; ++n)
@@ -238,6 +244,181 @@ void Int4Rows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged
       }
       for (int t = 0; t < tb; ++t) tile[size_t(t0 + t) * ld + size_t(n - n0)] = out[t];
     }
+}
+
+
+#if HWY_TARGET == HWY_AVX3_DL
+// int4 x int8 dot products with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products
+// summed into 16 i32 lanes per instruction). The f32 path above needs about
+// 40 vector ops per 128 weights and cannot keep up with memory on 2 cores;
+// this one needs about 20.
+//
+// Each activation is written as `levels` int8 digits in base 254 of its
+// group's step s = max|x| / 127:  x ~= s * (d1 + d2 / 254 [+ d3 / 254^2]).
+// Two digits resolve x to 1.5e-5 of its group's max, far below the rounding
+// of f16 / bf16 activations; f32 activations get three (6e-8, f32-grade).
+// The digits' dot products are combined exactly in i32 by Horner's rule.
+struct VnniStaged {
+  const int8_t* digits;     // [T][levels][2][half_pad]: even-k digits, then odd-k
+  const float* lane_scale;  // [T][chunks][16]: the unit s / 254^(levels-1) of each lane's group
+  const float* gsum;        // [T][groups]: sum of the dequantised x over each group
+  int64_t half_pad, chunks, groups;
+  int levels;
+};
+
+constexpr int64_t kChunkBytes = 64;  // packed bytes per vector: 128 weights
+
+Int4Staged StageInt4Vnni(const Staged& a, int64_t K, int64_t group, ScratchSlot slot,
+                         int levels) {
+  const int64_t half = K / 2, half_pad = (half + kChunkBytes - 1) / kChunkBytes * kChunkBytes;
+  const int64_t chunks = half_pad / kChunkBytes, groups = K / group;
+  const size_t digit_bytes = size_t(a.T * levels * 2 * half_pad);
+  const size_t floats = size_t(a.T * (chunks * 16 + groups));
+  char* buf = scratch<char>(slot, sizeof(VnniStaged) + 64 + floats * 4 + digit_bytes);
+  VnniStaged* v = reinterpret_cast<VnniStaged*>(buf);
+  float* lane_scale = reinterpret_cast<float*>(buf + (sizeof(VnniStaged) + 63) / 64 * 64);
+  float* gsum = lane_scale + a.T * chunks * 16;
+  int8_t* digits = reinterpret_cast<int8_t*>(gsum + a.T * groups);
+  std::memset(digits, 0, digit_bytes);
+  float* unit_of_group = scratch<float>(kScratchLocal3, size_t(groups));
+  for (int64_t t = 0; t < a.T; ++t) {
+    const float* x = a.x + size_t(t) * a.stride;
+    int8_t* dt = digits + t * levels * 2 * half_pad;
+    for (int64_t g = 0; g < groups; ++g) {
+      float amax = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) amax = std::max(amax, std::fabs(x[k]));
+      // A NaN or Inf in the group poisons its scale, so it reaches the output
+      // as NaN instead of vanishing in the integer digits.
+      const bool finite = std::isfinite(amax) && !std::isnan(amax);
+      const float s1 = finite ? amax / 127.0f : 0.0f;
+      float step[3] = {s1, s1 / 254.0f, s1 / (254.0f * 254.0f)};
+      double total = 0.0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+        float r = finite ? x[k] : 0.0f;
+        int64_t combined = 0;
+        for (int l = 0; l < levels; ++l) {
+          const float q = s1 > 0.0f ? std::nearbyint(r / step[l]) : 0.0f;
+          const int d = int(std::clamp(q, -127.0f, 127.0f));
+          r -= float(d) * step[l];
+          combined = combined * 254 + d;
+          dt[(l * 2 + (k & 1)) * half_pad + k / 2] = int8_t(d);
+        }
+        total += double(combined);
+      }
+      const float unit = finite ? step[levels - 1] : std::numeric_limits<float>::quiet_NaN();
+      unit_of_group[g] = unit;
+      gsum[t * groups + g] = float(total * double(unit));
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t k = c * 2 * kChunkBytes + 8 * i;
+        lane_scale[(t * chunks + c) * 16 + i] = k < K ? unit_of_group[k / group] : 0.0f;
+      }
+  }
+  *v = {digits, lane_scale, gsum, half_pad, chunks, groups, levels};
+  return {v, nullptr, nullptr, nullptr, a.T, half, groups};
+}
+
+// Scales of int4 groups [g, g + count) (count <= 16) as f32, zeros past count.
+__attribute__((target("avx512vnni"))) inline __m512 VnniScales(const tk_int4_weights& w, int64_t g,
+                                                                 int64_t count) {
+  const __mmask16 m = __mmask16((1u << count) - 1u);
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w.scales) + g);
+  if (w.scale_dtype == TK_F16) return _mm512_cvtph_ps(raw);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int TB, int LEVELS>
+__attribute__((target("avx512vnni"))) void VnniBlock(const tk_int4_weights& w, int64_t n,
+                                                      const Int4Staged& s, int64_t t0, float* out) {
+  const VnniStaged& a = *s.vnni;
+  const int64_t half = s.half, groups = a.groups;
+  const uint8_t* q = w.packed + n * half;
+  const int shift = w.group_size == 32 ? 2 : w.group_size == 64 ? 3 : 4;  // lane i holds k = 8i..8i+7
+  const __m512i lane_group =
+      _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+  const int64_t groups_per_chunk = 2 * kChunkBytes / w.group_size;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const int64_t j0 = c * kChunkBytes, nb = std::min(kChunkBytes, half - j0);
+    const __mmask64 m = nb == kChunkBytes ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi8(m, q + j0);
+    const __m512i lo = _mm512_and_si512(v, low4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const int64_t g0 = c * groups_per_chunk;
+    const __m512 ws = _mm512_permutexvar_ps(
+        lane_group, VnniScales(w, n * groups + g0, std::min(groups_per_chunk, groups - g0)));
+    for (int t = 0; t < TB; ++t) {
+      const int8_t* d = a.digits + (t0 + t) * LEVELS * 2 * a.half_pad + j0;
+      __m512i acc_i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(d));
+      acc_i = _mm512_dpbusd_epi32(acc_i, hi, _mm512_loadu_si512(d + a.half_pad));
+      for (int l = 1; l < LEVELS; ++l) {
+        acc_i = _mm512_mullo_epi32(acc_i, _mm512_set1_epi32(254));
+        acc_i = _mm512_dpbusd_epi32(acc_i, lo, _mm512_loadu_si512(d + 2 * l * a.half_pad));
+        acc_i = _mm512_dpbusd_epi32(acc_i, hi, _mm512_loadu_si512(d + (2 * l + 1) * a.half_pad));
+      }
+      const __m512 ls = _mm512_loadu_ps(a.lane_scale + ((t0 + t) * a.chunks + c) * 16);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), _mm512_mul_ps(ls, ws), acc[t]);
+    }
+  }
+  // Zero points: sum_g scale_g * zero_g * (sum of x over g), 16 groups at a time.
+  for (int t = 0; t < TB; ++t) {
+    __m512 z = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const int64_t cnt = std::min<int64_t>(16, groups - g);
+      const __mmask16 m = __mmask16((1u << cnt) - 1u);
+      const __m512 zp = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                      _mm_maskz_loadu_epi8(m, w.zeros + n * groups + g)))
+                                : _mm512_set1_ps(8.0f);
+      const __m512 xs = _mm512_maskz_loadu_ps(m, a.gsum + (t0 + t) * groups + g);
+      z = _mm512_fmadd_ps(_mm512_mul_ps(VnniScales(w, n * groups + g, cnt), zp), xs, z);
+    }
+    out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(z);
+  }
+}
+
+template <int LEVELS>
+void VnniRows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
+              size_t ld) {
+  float out[kTokens];
+  for (int64_t c0 = 0; c0 < a.T; c0 += kTokenChunk)
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t t0 = c0; t0 < std::min(a.T, c0 + kTokenChunk); t0 += kTokens) {
+        const int tb = int(std::min<int64_t>(kTokens, a.T - t0));
+        switch (tb) {
+          case 1: VnniBlock<1, LEVELS>(w, n, a, t0, out); break;
+          case 2: VnniBlock<2, LEVELS>(w, n, a, t0, out); break;
+          case 3: VnniBlock<3, LEVELS>(w, n, a, t0, out); break;
+          case 4: VnniBlock<4, LEVELS>(w, n, a, t0, out); break;
+        }
+        for (int t = 0; t < tb; ++t) tile[size_t(t0 + t) * ld + size_t(n - n0)] = out[t];
+      }
+}
+#endif  // HWY_TARGET == HWY_AVX3_DL
+
+// The activations of an int4 product, staged for this target's kernel:
+// `dtype` is the caller's activation dtype (it sets the VNNI digit count).
+Int4Staged StageInt4(const Staged& a, int64_t K, int64_t group, ScratchSlot slot, tk_dtype dtype) {
+#if HWY_TARGET == HWY_AVX3_DL
+  return StageInt4Vnni(a, K, group, slot, dtype == TK_F32 ? 3 : 2);
+#else
+  (void)dtype;
+  return StageInt4Float(a, K, group, slot);
+#endif
+}
+
+void Int4Rows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
+              size_t ld) {
+#if HWY_TARGET == HWY_AVX3_DL
+  if (a.vnni) {
+    if (a.vnni->levels == 3) VnniRows<3>(w, n0, n1, a, tile, ld);
+    else VnniRows<2>(w, n0, n1, a, tile, ld);
+    return;
+  }
+#endif
+  Int4RowsFloat(w, n0, n1, a, tile, ld);
 }
 
 // ---------------------------------------------------------------------------
@@ -309,7 +490,7 @@ void Matmul(const tk_matmul_params& p, ThreadPool& pool) {
 void QmatmulInt4(const tk_qmatmul_int4_params& p, ThreadPool& pool) {
   if (p.T == 0) return;
   const Staged a = StageRows(p.dtype, p.x, p.x_stride, p.T, p.w.K, kScratchShared0);
-  const Int4Staged q = StageInt4(a, p.w.K, p.w.group_size, kScratchShared1);
+  const Int4Staged q = StageInt4(a, p.w.K, p.w.group_size, kScratchShared1, p.dtype);
   ForRowBlocks(pool, p.w.N, p.T, Int4Bytes(p.w), kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
     Int4Rows(p.w, n0, n1, q, tile, kBlock);
     StoreTile(tile, p.T, n0, n1, p.dtype, p.y, p.y_stride);
@@ -333,10 +514,10 @@ void FusedFfn(const tk_fused_ffn_params& p, ThreadPool& pool) {
           const Staged one = StageNormRows(p.dtype, RowPtr<char>(p.x, t, p.x_stride * int64_t(dtype_size(p.dtype))),
                                            0, p.norm_weight, p.eps, 1, p.D, kScratchLocal1);
           if (int4) {
-            const Int4Staged q = StageInt4(one, p.D, p.q_gate.group_size, kScratchLocal3);
+            const Int4Staged q = StageInt4(one, p.D, p.q_gate.group_size, kScratchLocal4, p.dtype);
             Int4Rows(p.q_gate, f, f + 1, q, gate + (f - n0), 0);
             if (p.q_up.group_size != p.q_gate.group_size) {
-              const Int4Staged qu = StageInt4(one, p.D, p.q_up.group_size, kScratchLocal3);
+              const Int4Staged qu = StageInt4(one, p.D, p.q_up.group_size, kScratchLocal4, p.dtype);
               Int4Rows(p.q_up, f, f + 1, qu, tile + (f - n0), 0);
             } else {
               Int4Rows(p.q_up, f, f + 1, q, tile + (f - n0), 0);
@@ -360,10 +541,10 @@ void FusedFfn(const tk_fused_ffn_params& p, ThreadPool& pool) {
   const Staged h = StageNormRows(p.dtype, p.x, p.x_stride, p.norm_weight, p.eps, p.T, p.D,
                                  kScratchShared0);
   if (int4) {
-    const Int4Staged qg = StageInt4(h, p.D, p.q_gate.group_size, kScratchShared1);
+    const Int4Staged qg = StageInt4(h, p.D, p.q_gate.group_size, kScratchShared1, p.dtype);
     const Int4Staged qu = p.q_up.group_size == p.q_gate.group_size
                               ? qg
-                              : StageInt4(h, p.D, p.q_up.group_size, kScratchShared2);
+                              : StageInt4(h, p.D, p.q_up.group_size, kScratchShared2, p.dtype);
     ForRowBlocks(pool, p.F, p.T, bytes, kScratchLocal0, [&](int64_t n0, int64_t n1, float* tile) {
       float* gate = scratch<float>(kScratchLocal1, size_t(p.T) * kBlock);
       Int4Rows(p.q_gate, n0, n1, qg, gate, kBlock);

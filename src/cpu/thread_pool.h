@@ -61,7 +61,7 @@ class ThreadPool {
 // paths allocate only the first time they see a larger shape. Each slot is an
 // independent buffer; 64-byte aligned, contents undefined.
 enum ScratchSlot { kScratchShared0, kScratchShared1, kScratchShared2, kScratchLocal0,
-                   kScratchLocal1, kScratchLocal2, kScratchLocal3, kScratchSlots };
+                   kScratchLocal1, kScratchLocal2, kScratchLocal3, kScratchLocal4, kScratchSlots };
 void* thread_scratch(ScratchSlot slot, size_t bytes);
 template <class T>
 T* scratch(ScratchSlot slot, size_t count) {
