@@ -22,9 +22,11 @@ namespace tk::cpu::HWY_NAMESPACE {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Keys per block: 64 f32 rows of K and V of head dim 128 are 64 KB, which
-// stays in L2 while every query row of the unit walks over them.
+// Keys per block (at most): the block's K and V rows, converted to f32, must
+// stay in L1 (32 KB on Zen 4 and most x86 cores) while every query row of the
+// unit walks over them: 16 KB of K and V together, 16 keys at head dim 128.
 constexpr int64_t kKeyBlock = 64;
+int64_t KeyBlock(size_t dp) { return std::clamp<int64_t>(int64_t(2048 / dp), 4, kKeyBlock); }
 // Query tokens per unit: with 8 q heads per KV head that is 128 query rows.
 constexpr int64_t kQueryTile = 16;
 // Paged contexts are chunked no finer than this many keys: below it the
@@ -144,8 +146,9 @@ void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
 // All keys [j_begin, j_end) of the unit, in blocks.
 template <class T, class KV>
 void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv) {
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyBlock)
-    AttendBlock<T>(u, j0, std::min(kKeyBlock, j_end - j0), dh, kv);
+  const int64_t block = KeyBlock(u.dp);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += block)
+    AttendBlock<T>(u, j0, std::min(block, j_end - j0), dh, kv);
 }
 
 // out = o / l (0 for a row that saw no key), lse = m + log l (-inf then).

@@ -352,13 +352,16 @@ __attribute__((target("avx512vnni"))) void VnniBlock(const tk_int4_weights& w, i
         lane_group, VnniScales(w, n * groups + g0, std::min(groups_per_chunk, groups - g0)));
     for (int t = 0; t < TB; ++t) {
       const int8_t* d = a.digits + (t0 + t) * LEVELS * 2 * a.half_pad + j0;
-      __m512i acc_i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(d));
-      acc_i = _mm512_dpbusd_epi32(acc_i, hi, _mm512_loadu_si512(d + a.half_pad));
-      for (int l = 1; l < LEVELS; ++l) {
-        acc_i = _mm512_mullo_epi32(acc_i, _mm512_set1_epi32(254));
-        acc_i = _mm512_dpbusd_epi32(acc_i, lo, _mm512_loadu_si512(d + 2 * l * a.half_pad));
-        acc_i = _mm512_dpbusd_epi32(acc_i, hi, _mm512_loadu_si512(d + (2 * l + 1) * a.half_pad));
+      // One independent dot product per digit, then Horner: short dependency chains.
+      __m512i digit[LEVELS];
+      for (int l = 0; l < LEVELS; ++l) {
+        digit[l] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                       _mm512_loadu_si512(d + 2 * l * a.half_pad));
+        digit[l] = _mm512_dpbusd_epi32(digit[l], hi, _mm512_loadu_si512(d + (2 * l + 1) * a.half_pad));
       }
+      __m512i acc_i = digit[0];
+      for (int l = 1; l < LEVELS; ++l)
+        acc_i = _mm512_add_epi32(_mm512_mullo_epi32(acc_i, _mm512_set1_epi32(254)), digit[l]);
       const __m512 ls = _mm512_loadu_ps(a.lane_scale + ((t0 + t) * a.chunks + c) * 16);
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), _mm512_mul_ps(ls, ws), acc[t]);
     }
