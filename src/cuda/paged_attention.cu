@@ -18,6 +18,7 @@
 
 #include "cuda/attention/primitives.cuh"
 #include "cuda/ops.h"
+#include "cuda/reduce.cuh"
 
 namespace tk::cuda {
 namespace {
@@ -78,15 +79,19 @@ struct DecodeConfig {
 };
 
 // Split until the grid fills one wave (4 CTAs per SM at <= 128 registers and
-// 48 KB of shared memory); a second, partial wave would only add a tail. Below
-// kMinChunk tokens a split costs more in merge traffic than it gains.
+// 48 KB of shared memory); a second, partial wave would only add a tail. A
+// lone CTA needs ~1.2 us per 32-token tile (H100, D 128), so short chunks of
+// kMinChunk = 2 tiles keep a small batch's critical path short.
 constexpr int kCtasPerSm = 4;
-constexpr int kMinChunk = 128;
+constexpr int kMinChunk = 64;
 constexpr int kMaxSplits = 128;
 
 int64_t choose_splits(int64_t base_ctas, int64_t max_ctx, int num_sms) {
-  const int64_t target = kCtasPerSm * int64_t(num_sms > 0 ? num_sms : 1);
-  int64_t splits = target / base_ctas;
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  // From one CTA per SM on, splitting only adds the merge (H100, B32 Hq32 Hkv8
+  // ctx 4096, 256 CTAs: 2.68 TB/s unsplit vs 2.59 split in two).
+  if (base_ctas >= sms) return 1;
+  int64_t splits = kCtasPerSm * sms / base_ctas;
   splits = std::min<int64_t>(splits, (max_ctx + kMinChunk - 1) / kMinChunk);
   return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
 }
@@ -129,6 +134,23 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   const int kvh = cta % a.num_kv_heads;
   const int s = cta / a.num_kv_heads;
   const int split = blockIdx.y;
+  const int tok_begin = split * a.chunk;
+
+  // Block ids run one tile ahead of the copies, so the table lookup's latency
+  // hides behind a tile of math instead of stalling the copy issue. They need
+  // only the table's bounds, not the context length, so the first tile's ids
+  // load alongside context_lens: one DRAM round trip less before the first
+  // copy. Entries past the context are fetched but never used (issue checks).
+  const int32_t* blocks = a.block_table + int64_t(s) * a.max_blocks;
+  int32_t blk[kU];
+  auto fetch_blocks = [&](int tile) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int tok = tok_begin + tile * C::kTile + u * C::kSlots + slot;
+      blk[u] = (tok >> a.page_shift) < a.max_blocks ? __ldg(blocks + (tok >> a.page_shift)) : -1;
+    }
+  };
+  fetch_blocks(0);
 
   const SeqInfo si = seq_info(a, s);
   if (!si.ok) {
@@ -141,7 +163,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   if (nrows <= 0) return;
   // Query i of the sequence sees positions [0, ctx - q_len + i].
   const int first_vis = si.ctx - si.q_len + 1;
-  const int tok_begin = split * a.chunk;
   const int tok_end = min(tok_begin + a.chunk, first_vis + (row0 + nrows - 1) / G);
   if (tok_begin >= tok_end) return;  // the merge reads no split past a row's context
 
@@ -166,23 +187,12 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   const T* k_base = static_cast<const T*>(a.k_cache) + kvh * D + sub * 8;
   const T* v_base = static_cast<const T*>(a.v_cache) + kvh * D + sub * 8;
   const int64_t tok_stride = int64_t(a.num_kv_heads) * D;
-  const int32_t* blocks = a.block_table + int64_t(s) * a.max_blocks;
   const int page_mask = (1 << a.page_shift) - 1;
   const uint32_t ring = smem_addr(smem);
   auto ring_at = [&](int stage, int u, int kv) {
     return ring + uint32_t((((stage * kU + u) * 2 + kv) * C::kThreads + tid) * 16);
   };
 
-  // Block ids run one tile ahead of the copies, so the table lookup's latency
-  // hides behind a tile of math instead of stalling the copy issue.
-  int32_t blk[kU];
-  auto fetch_blocks = [&](int tile) {
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int tok = tok_begin + tile * C::kTile + u * C::kSlots + slot;
-      blk[u] = tok < tok_end ? __ldg(blocks + (tok >> a.page_shift)) : -1;
-    }
-  };
   uint32_t live = 0;  // bit stage * kU + u: that token was copied and may be used
   auto issue = [&](int tile, int stage) {
 #pragma unroll
@@ -220,7 +230,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   }
 
   const int n_tiles = (tok_end - tok_begin + C::kTile - 1) / C::kTile;
-  fetch_blocks(0);
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
     if (st < n_tiles) {
@@ -357,7 +366,9 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
 }
 
 // One warp per (query token, q head): out = sum_j 2^lse_j O_j / sum_j 2^lse_j
-// over the splits that cover the row's visible context.
+// over the splits that cover the row's visible context. The lanes read 32
+// split lse values at once and the partial rows are independent loads: a
+// split-by-split online merge would chain one L2 round trip per split.
 template <typename T, int D>
 __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a, int tiles_per_seq) {
   constexpr int kPer = D / 32;
@@ -373,21 +384,29 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a, int
   const int64_t rows_total = a.total_q * a.num_q_heads;
   const int64_t row = tok * a.num_q_heads + h;
 
-  float mx = -INFINITY, sum = 0.f, o[kPer];
+  float mx = -INFINITY;
+  for (int j = lane; j < n; j += 32) mx = fmaxf(mx, a.part_lse[int64_t(j) * rows_total + row]);
+  mx = warp_max(mx);
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f, o[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) o[e] = 0.f;
-  for (int j = 0; j < n; ++j) {
-    const int64_t prow = int64_t(j) * rows_total + row;
-    const float lj = a.part_lse[prow];
-    if (lj == -INFINITY) continue;
-    const float m_new = fmaxf(mx, lj);
-    const float alpha = fast_exp2(mx - m_new), w = fast_exp2(lj - m_new);
-    const float* src = a.part_o + prow * D + lane * kPer;
+  for (int j0 = 0; j0 < n; j0 += 32) {
+    const int j = j0 + lane;
+    // An empty split has lse -inf, weight 0 and a zero partial row.
+    const float w_lane =
+        j < n ? fast_exp2(a.part_lse[int64_t(j) * rows_total + row] - m_use) : 0.f;
+    sum += w_lane;
+    const int count = min(32, n - j0);
+#pragma unroll 4
+    for (int jj = 0; jj < count; ++jj) {
+      const float w = __shfl_sync(0xffffffffu, w_lane, jj);
+      const float* src = a.part_o + (int64_t(j0 + jj) * rows_total + row) * D + lane * kPer;
 #pragma unroll
-    for (int e = 0; e < kPer; ++e) o[e] = o[e] * alpha + w * src[e];
-    sum = sum * alpha + w;
-    mx = m_new;
+      for (int e = 0; e < kPer; ++e) o[e] = fmaf(w, src[e], o[e]);
+    }
   }
+  sum = warp_sum(sum);
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + lane * kPer;
 #pragma unroll
