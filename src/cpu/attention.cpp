@@ -1,11 +1,14 @@
 // CPU attention: flash attention (prefill, varlen) and paged attention
 // (decode, chunked prefill), both built on one online-softmax block routine.
 //
-// A unit of work is one KV head with the query rows of all the q heads that
-// share it (GQA) and a tile of query tokens: every key/value row is converted
-// to f32 once per unit and used by all of those query rows. Long paged
-// contexts are also cut into chunks whose partial (max, sum, output) triples
-// are merged by log-sum-exp afterwards.
+// A unit of work is a tile of query tokens against a range of keys, for one
+// or more KV heads with the query rows of all the q heads that share them
+// (GQA): every key/value row is converted to f32 once per unit and used by
+// all of those query rows. Flash attention takes one KV head per unit; paged
+// attention takes all of them, so that it streams whole [token, head, dim]
+// rows of the cache (a single head's 256-byte slices, 2 KB apart, defeat the
+// hardware prefetchers). Long paged contexts are cut into chunks whose partial
+// (max, sum, output) triples are merged by log-sum-exp afterwards.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/attention.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -15,6 +18,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/simd-inl.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -22,11 +26,14 @@ namespace tk::cpu::HWY_NAMESPACE {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Keys per block (at most): the block's K and V rows, converted to f32, must
-// stay in L1 (32 KB on Zen 4 and most x86 cores) while every query row of the
-// unit walks over them: 16 KB of K and V together, 16 keys at head dim 128.
+// Keys per block (at most 64): the block's K and V rows, converted to f32,
+// stay in L2 (1 MB per core on Zen 4) while every query row of the unit walks
+// over them: 8192 floats of K (32 KB) and as many of V, e.g. 64 keys of one
+// head of dim 128, or 8 keys of 8 heads.
 constexpr int64_t kKeyBlock = 64;
-int64_t KeyBlock(size_t dp) { return std::clamp<int64_t>(int64_t(2048 / dp), 4, kKeyBlock); }
+int64_t KeyBlock(size_t row_floats) {
+  return std::clamp<int64_t>(int64_t(8192 / row_floats), 2, kKeyBlock);
+}
 // Query tokens per unit: with 8 q heads per KV head that is 128 query rows.
 constexpr int64_t kQueryTile = 16;
 // Paged contexts are chunked no finer than this many keys: below it the
@@ -38,33 +45,36 @@ size_t Padded(int64_t n) {
   return (size_t(n) + N - 1) / N * N;
 }
 
-// The working set of one unit: rows query rows and one key block.
+// The working set of one unit: rows query rows and one key block. Rows are
+// grouped by KV head: row r reads KV head r / rows_per_head of the unit.
 struct Unit {
   size_t dp;        // head dim padded to whole vectors (pad lanes are zero)
-  int64_t rows;
+  int64_t rows, heads, rows_per_head;
   float* q;         // [rows][dp], pre-multiplied by the softmax scale
   float* o;         // [rows][dp], unnormalised output
   float* m;         // [rows] running max
   float* l;         // [rows] running sum of exp
   int64_t* visible; // [rows] keys [0, visible) of the sequence are visible
-  float* kf;        // [kKeyBlock][dp]
-  float* vf;        // [kKeyBlock][dp]
+  float* kf;        // [kKeyBlock][heads][dp]
+  float* vf;        // [kKeyBlock][heads][dp]
   float* s;         // [kKeyBlock] scores
 };
 
-Unit MakeUnit(int64_t rows, int64_t dh) {
+Unit MakeUnit(int64_t rows, int64_t dh, int64_t heads = 1) {
   Unit u;
   u.dp = Padded(dh);
   u.rows = rows;
-  const size_t r = size_t(rows), kb = size_t(kKeyBlock);
-  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * u.dp + kb);
+  u.heads = heads;
+  u.rows_per_head = rows / heads;
+  const size_t r = size_t(rows), kb = size_t(kKeyBlock), hd = size_t(heads) * u.dp;
+  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * hd + kb);
   u.q = f;
   u.o = u.q + r * u.dp;
   u.m = u.o + r * u.dp;
   u.l = u.m + r;
   u.kf = u.l + r;
-  u.vf = u.kf + kb * u.dp;
-  u.s = u.vf + kb * u.dp;
+  u.vf = u.kf + kb * hd;
+  u.s = u.vf + kb * hd;
   u.visible = scratch<int64_t>(kScratchLocal1, r);
   for (size_t i = 0; i < r; ++i) {
     u.m[i] = kNegInf;
@@ -87,27 +97,49 @@ void StageQuery(Unit& u, int64_t i, const T* q, int64_t dh, float scale) {
 
 // Keys [j0, j0 + nk) of the sequence (row pointers from kv(j)) against every
 // query row: one online-softmax step.
+// Rows [j0, j1) of the cache are requested ahead of use. A unit reads one KV
+// head: 256 bytes per token, 2 KB apart in a [token, head, dim] cache, which
+// the hardware prefetchers (trained within 4 KB pages) do not follow; without
+// this the reads wait on DRAM one row at a time.
+template <class T, class KV>
+void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, const KV& kv) {
+  const size_t bytes = size_t(dh) * sizeof(T);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* krow;
+    const T* vrow;
+    kv(j, 0, krow, vrow);
+    for (size_t b = 0; b < bytes; b += 64) {
+      hwy::Prefetch(reinterpret_cast<const char*>(krow) + b);
+      hwy::Prefetch(reinterpret_cast<const char*>(vrow) + b);
+    }
+  }
+}
+
 template <class T, class KV>
 void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
   const DF d;
   const size_t N = hn::Lanes(d), dp = u.dp;
-  for (int64_t j = 0; j < nk; ++j) {
-    const T* krow;
-    const T* vrow;
-    kv(j0 + j, krow, vrow);
-    float* kd = u.kf + size_t(j) * dp;
-    float* vd = u.vf + size_t(j) * dp;
-    RowToF32(krow, kd, size_t(dh));
-    RowToF32(vrow, vd, size_t(dh));
-    for (size_t c = size_t(dh); c < dp; ++c) kd[c] = vd[c] = 0.0f;
-  }
+  const size_t hd = size_t(u.heads) * dp;
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t h = 0; h < u.heads; ++h) {
+      const T* krow;
+      const T* vrow;
+      kv(j0 + j, h, krow, vrow);
+      float* kd = u.kf + size_t(j) * hd + size_t(h) * dp;
+      float* vd = u.vf + size_t(j) * hd + size_t(h) * dp;
+      RowToF32(krow, kd, size_t(dh));
+      RowToF32(vrow, vd, size_t(dh));
+      for (size_t c = size_t(dh); c < dp; ++c) kd[c] = vd[c] = 0.0f;
+    }
   for (int64_t r = 0; r < u.rows; ++r) {
     const int64_t lim = std::min(nk, u.visible[r] - j0);
     if (lim <= 0) continue;
     const float* q = u.q + size_t(r) * dp;
+    const float* kh = u.kf + size_t(r / u.rows_per_head) * dp;
+    const float* vh = u.vf + size_t(r / u.rows_per_head) * dp;
     float bm = kNegInf;
     for (int64_t j = 0; j < lim; ++j) {
-      const float* k = u.kf + size_t(j) * dp;
+      const float* k = kh + size_t(j) * hd;
       VF acc0 = hn::Zero(d), acc1 = hn::Zero(d);
       size_t c = 0;
       for (; c + 2 * N <= dp; c += 2 * N) {
@@ -137,7 +169,7 @@ void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
     for (size_t c = 0; c < dp; c += N) {
       VF acc = hn::Mul(hn::LoadU(d, o + c), av);
       for (int64_t j = 0; j < lim; ++j)
-        acc = hn::MulAdd(hn::Set(d, u.s[j]), hn::LoadU(d, u.vf + size_t(j) * dp + c), acc);
+        acc = hn::MulAdd(hn::Set(d, u.s[j]), hn::LoadU(d, vh + size_t(j) * hd + c), acc);
       hn::StoreU(acc, d, o + c);
     }
   }
@@ -146,9 +178,13 @@ void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
 // All keys [j_begin, j_end) of the unit, in blocks.
 template <class T, class KV>
 void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv) {
-  const int64_t block = KeyBlock(u.dp);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += block)
+  const int64_t block = KeyBlock(size_t(u.heads) * u.dp);
+  // Two blocks in flight: the next one is requested while this one is used.
+  PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, kv);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += block) {
+    PrefetchRows<T>(std::min(j_end, j0 + block), std::min(j_end, j0 + 2 * block), dh, kv);
     AttendBlock<T>(u, j0, std::min(block, j_end - j0), dh, kv);
+  }
 }
 
 // out = o / l (0 for a row that saw no key), lse = m + log l (-inf then).
@@ -197,7 +233,7 @@ void FlashAttention(const tk_flash_attention_params& p, ThreadPool& pool) {
           u.visible[r] = p.causal ? std::clamp<int64_t>(i + lk - lq + 1, 0, lk) : lk;
           keys = std::max(keys, u.visible[r]);
         }
-      AttendRange<T>(u, 0, keys, dh, [&](int64_t j, const T*& kr, const T*& vr) {
+      AttendRange<T>(u, 0, keys, dh, [&](int64_t j, int64_t, const T*& kr, const T*& vr) {
         kr = HeadPtr<T>(p.k, k0 + j, p.k_token_stride, kvh, p.k_head_stride);
         vr = HeadPtr<T>(p.v, k0 + j, p.v_token_stride, kvh, p.v_head_stride);
       });
@@ -224,111 +260,115 @@ void PagedAttention(const tk_paged_attention_params& p, ThreadPool& pool) {
     total_keys += p.context_lens[s];
     tiles += (q_len(s) + kQueryTile - 1) / kQueryTile;
   }
+  constexpr int64_t kWhole = std::numeric_limits<int64_t>::max();
   const int64_t want = 4 * int64_t(pool.size());
-  int64_t chunk = std::numeric_limits<int64_t>::max();
-  if (tiles * hkv < want && total_keys > 0) {
-    chunk = std::max(kMinChunk, (total_keys * hkv + want - 1) / want);
+  int64_t chunk = kWhole;
+  if (tiles < want && total_keys > 0) {
+    chunk = std::max(kMinChunk, (total_keys + want - 1) / want);
     chunk = (chunk + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   }
-  // Units per sequence: tiles x kv heads x chunks, numbered through a prefix sum.
+  const bool split = chunk != kWhole;
+  auto chunks_of = [&](int64_t s) {
+    return split ? std::max<int64_t>(1, (int64_t(p.context_lens[s]) + chunk - 1) / chunk) : 1;
+  };
+  // Units: (sequence, query tile, chunk), numbered through a prefix sum.
   int64_t* unit_start = scratch<int64_t>(kScratchShared0, size_t(seqs + 1));
   unit_start[0] = 0;
-  for (int64_t s = 0; s < seqs; ++s) {
-    const int64_t chunks = chunk == std::numeric_limits<int64_t>::max()
-                               ? 1 : std::max<int64_t>(1, (p.context_lens[s] + chunk - 1) / chunk);
-    unit_start[s + 1] = unit_start[s] + ((q_len(s) + kQueryTile - 1) / kQueryTile) * hkv * chunks;
-  }
+  for (int64_t s = 0; s < seqs; ++s)
+    unit_start[s + 1] = unit_start[s] + ((q_len(s) + kQueryTile - 1) / kQueryTile) * chunks_of(s);
   const int64_t units = unit_start[seqs];
-  const size_t dp = Padded(dh);
-  const bool split = chunk != std::numeric_limits<int64_t>::max();
+  const size_t dp = Padded(dh), row_floats = dp + 2;
+  const size_t unit_rows = size_t(kQueryTile * p.num_q_heads);
   // Partials of split contexts: per unit and query row, (m, l, o[dp]).
-  const size_t row_floats = dp + 2;
-  float* partial = split ? scratch<float>(kScratchShared1, size_t(units) * size_t(kQueryTile * group) * row_floats)
-                         : nullptr;
+  float* partial = split ? scratch<float>(kScratchShared1, size_t(units) * unit_rows * row_floats) : nullptr;
+
+  struct Where {
+    int64_t s, len, q0, lq, chunk, chunks, i0, i1;
+  };
+  auto locate = [&](int64_t unit) {
+    Where w;
+    w.s = std::upper_bound(unit_start, unit_start + seqs + 1, unit) - unit_start - 1;
+    w.len = p.context_lens[w.s];
+    w.q0 = q_start(w.s);
+    w.lq = q_len(w.s);
+    w.chunks = chunks_of(w.s);
+    const int64_t rest = unit - unit_start[w.s];
+    w.chunk = rest % w.chunks;
+    w.i0 = (rest / w.chunks) * kQueryTile;
+    w.i1 = std::min(w.lq, w.i0 + kQueryTile);
+    return w;
+  };
+  // Row r of a unit: kv head major, then token, then q head within the group.
+  auto for_rows = [&](const Where& w, const auto& f) {
+    const int64_t per_head = (w.i1 - w.i0) * group;
+    for (int64_t kvh = 0; kvh < hkv; ++kvh)
+      for (int64_t i = w.i0; i < w.i1; ++i)
+        for (int64_t g = 0; g < group; ++g)
+          f(kvh * per_head + (i - w.i0) * group + g, i, kvh * group + g);
+  };
 
   VisitDtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    auto finish = [&](const Unit& u, const Where& w) {
+      for_rows(w, [&](int64_t r, int64_t i, int64_t h) {
+        FinishRow(u, r, HeadPtr<T>(p.out, w.q0 + i, p.out_token_stride, h, p.out_head_stride), dh,
+                  p.lse ? &p.lse[h * p.total_q + w.q0 + i] : nullptr);
+      });
+    };
     pool.parallel_for(units, [&](int64_t unit, int) {
-      const int64_t s = std::upper_bound(unit_start, unit_start + seqs + 1, unit) - unit_start - 1;
-      const int64_t len = p.context_lens[s], q0 = q_start(s), lq = q_len(s);
-      const int64_t chunks = split ? std::max<int64_t>(1, (len + chunk - 1) / chunk) : 1;
-      int64_t rest = unit - unit_start[s];
-      const int64_t ci = rest % chunks;
-      rest /= chunks;
-      const int64_t kvh = rest % hkv, tile = rest / hkv;
-      const int64_t i0 = tile * kQueryTile, i1 = std::min(lq, i0 + kQueryTile);
-      const int64_t j_begin = split ? ci * chunk : 0, j_end = split ? std::min(len, j_begin + chunk) : len;
-      Unit u = MakeUnit((i1 - i0) * group, dh);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (i - i0) * group + g, h = kvh * group + g;
-          StageQuery(u, r, HeadPtr<T>(p.q, q0 + i, p.q_token_stride, h, p.q_head_stride), dh, p.scale);
-          u.visible[r] = len - lq + i + 1;
-        }
-      const int32_t* blocks = c.block_table + s * c.max_blocks_per_seq;
+      const Where w = locate(unit);
+      const int64_t j_begin = split ? w.chunk * chunk : 0;
+      const int64_t j_end = split ? std::min(w.len, j_begin + chunk) : w.len;
+      Unit u = MakeUnit((w.i1 - w.i0) * p.num_q_heads, dh, hkv);
+      for_rows(w, [&](int64_t r, int64_t i, int64_t h) {
+        StageQuery(u, r, HeadPtr<T>(p.q, w.q0 + i, p.q_token_stride, h, p.q_head_stride), dh, p.scale);
+        u.visible[r] = w.len - w.lq + i + 1;
+      });
+      const int32_t* blocks = c.block_table + w.s * c.max_blocks_per_seq;
       const T* kc = static_cast<const T*>(c.k);
       const T* vc = static_cast<const T*>(c.v);
-      AttendRange<T>(u, j_begin, std::min(j_end, len - lq + i1), dh,
-                     [&](int64_t j, const T*& kr, const T*& vr) {
+      AttendRange<T>(u, j_begin, std::min(j_end, w.len - w.lq + w.i1), dh,
+                     [&](int64_t j, int64_t kvh, const T*& kr, const T*& vr) {
                        const int64_t slot = int64_t(blocks[j / c.page_size]) * c.page_size + j % c.page_size;
                        const int64_t off = (slot * hkv + kvh) * dh;
                        kr = kc + off;
                        vr = vc + off;
                      });
-      if (!split) {
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = (i - i0) * group + g, h = kvh * group + g;
-            FinishRow(u, r, HeadPtr<T>(p.out, q0 + i, p.out_token_stride, h, p.out_head_stride), dh,
-                      p.lse ? &p.lse[h * p.total_q + q0 + i] : nullptr);
-          }
-        return;
-      }
+      if (!split) return finish(u, w);
       for (int64_t r = 0; r < u.rows; ++r) {
-        float* dst = partial + (size_t(unit) * size_t(kQueryTile * group) + size_t(r)) * row_floats;
+        float* dst = partial + (size_t(unit) * unit_rows + size_t(r)) * row_floats;
         dst[0] = u.m[r];
         dst[1] = u.l[r];
         std::copy(u.o + size_t(r) * dp, u.o + size_t(r + 1) * dp, dst + 2);
       }
     });
     if (!split) return;
-    // Merge: per (sequence, query tile, kv head, row), the chunks by log-sum-exp.
-    const int64_t merges = unit_start[seqs];  // one per unit; chunk 0's unit does the work
-    pool.parallel_for(merges, [&](int64_t unit, int) {
-      const int64_t s = std::upper_bound(unit_start, unit_start + seqs + 1, unit) - unit_start - 1;
-      const int64_t len = p.context_lens[s], q0 = q_start(s), lq = q_len(s);
-      const int64_t chunks = std::max<int64_t>(1, (len + chunk - 1) / chunk);
-      int64_t rest = unit - unit_start[s];
-      if (rest % chunks != 0) return;
-      rest /= chunks;
-      const int64_t kvh = rest % hkv, tile = rest / hkv;
-      const int64_t i0 = tile * kQueryTile, i1 = std::min(lq, i0 + kQueryTile);
-      Unit u = MakeUnit((i1 - i0) * group, dh);
+    // Merge the chunks of each (sequence, query tile) by log-sum-exp; the
+    // unit of chunk 0 does it.
+    pool.parallel_for(units, [&](int64_t unit, int) {
+      const Where w = locate(unit);
+      if (w.chunk != 0) return;
+      Unit u = MakeUnit((w.i1 - w.i0) * p.num_q_heads, dh, hkv);
       const DF d;
       for (int64_t r = 0; r < u.rows; ++r) {
+        auto src_of = [&](int64_t ci) { return partial + (size_t(unit + ci) * unit_rows + size_t(r)) * row_floats; };
         float m = kNegInf;
-        for (int64_t ci = 0; ci < chunks; ++ci)
-          m = std::max(m, partial[(size_t(unit + ci) * size_t(kQueryTile * group) + size_t(r)) * row_floats]);
+        for (int64_t ci = 0; ci < w.chunks; ++ci) m = std::max(m, src_of(ci)[0]);
         float l = 0.0f;
         float* o = u.o + size_t(r) * dp;
-        for (int64_t ci = 0; ci < chunks; ++ci) {
-          const float* src = partial + (size_t(unit + ci) * size_t(kQueryTile * group) + size_t(r)) * row_floats;
+        for (int64_t ci = 0; ci < w.chunks; ++ci) {
+          const float* src = src_of(ci);
           if (src[1] == 0.0f) continue;  // a chunk past this row's last visible key
-          const float w = std::exp(src[0] - m);
-          l += src[1] * w;
-          const VF wv = hn::Set(d, w);
+          const float wt = std::exp(src[0] - m);
+          l += src[1] * wt;
+          const VF wv = hn::Set(d, wt);
           for (size_t cc = 0; cc < dp; cc += hn::Lanes(d))
             hn::StoreU(hn::MulAdd(hn::LoadU(d, src + 2 + cc), wv, hn::LoadU(d, o + cc)), d, o + cc);
         }
         u.m[r] = m;
         u.l[r] = l;
       }
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = (i - i0) * group + g, h = kvh * group + g;
-          FinishRow(u, r, HeadPtr<T>(p.out, q0 + i, p.out_token_stride, h, p.out_head_stride), dh,
-                    p.lse ? &p.lse[h * p.total_q + q0 + i] : nullptr);
-        }
+      finish(u, w);
     });
   });
 }
