@@ -37,9 +37,9 @@ __device__ __forceinline__ void unit_rows(int64_t u, int64_t half, int64_t rot_d
 template <class T, int kW, int kT>
 __global__ void __launch_bounds__(kMvWarps * 32)
     attn_front_kernel(tk_attn_front_params p, Geometry geo, int64_t t_tiles, int ksplit,
-                      bool x_vec, unsigned int* error_flag) {
-  __shared__ float red[kMvWarps * kT * kRows];
-  __shared__ float inv_block[kT];
+                      unsigned int* error_flag) {
+  // acc[t][kRows]: sum of squares of x_t over this warp's share of D.
+  __shared__ float red[kMvWarps * kT * (kRows + 1)];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t tile = blockIdx.x % t_tiles, unit_block = blockIdx.x / t_tiles;
   const int groups = kMvWarps / ksplit, kpart = warp % ksplit;
@@ -62,23 +62,14 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * int64_t(sizeof(T)),
                 p.x_stride * int64_t(sizeof(T)), int(std::min<int64_t>(kT, p.T - t0)), p.dtype,
                 p.norm_weight};
-  float acc[kT][kRows] = {};
-  mv_dot<T, kW, kT, kRows, true>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
-  mv_reduce<kT, kRows>(acc, red, ksplit);
-  // 1/rms of the block's tokens after the weight pass, so that the weight
-  // loads start at once (x is in L1/L2 by now).
-  for (int t = warp; t < a.rows; t += kMvWarps) {
-    const char* row = a.x + t * a.stride_bytes;
-    const float v = x_vec ? mv_inv_rms<true>(p.dtype, row, p.D, p.eps)
-                          : mv_inv_rms<false>(p.dtype, row, p.D, p.eps);
-    if (lane == 0) inv_block[t] = v;
-  }
-  __syncthreads();
+  float acc[kT][kRows + 1] = {};
+  mv_dot<T, kW, kT, kRows, true, mv_unroll<kW, kT>()>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
+  mv_reduce<kT, kRows + 1>(acc, red, ksplit);
   if (kpart != 0) return;
 
   // Lane 2t + j finishes unit j of token t.
   const int my_t = lane / kUnits, my_j = lane % kUnits;
-  float va = 0.0f, vb = 0.0f;
+  float va = 0.0f, vb = 0.0f, ss = 0.0f;
 #pragma unroll
   for (int t = 0; t < kT; ++t)
 #pragma unroll
@@ -86,10 +77,11 @@ __global__ void __launch_bounds__(kMvWarps * 32)
       if (t == my_t && j == my_j) {
         va = acc[t][2 * j];
         vb = acc[t][2 * j + 1];
+        ss = acc[t][kRows];
       }
   const int64_t unit = u0 + my_j;
   if (my_t >= a.rows || unit >= geo.units) return;
-  const float inv = inv_block[my_t];
+  const float inv = rsqrtf(ss / float(p.D) + p.eps);
   va *= inv;
   vb *= inv;
   const int64_t tok = t0 + my_t;
@@ -133,18 +125,19 @@ __global__ void __launch_bounds__(kMvWarps * 32)
 }
 
 template <class T, int kW, int kT>
-tk_status launch_tiles(const tk_attn_front_params& p, const Launch& l, const Geometry& geo,
-                       bool x_vec) {
+tk_status launch_tiles(const tk_attn_front_params& p, const Launch& l, const Geometry& geo) {
   const int64_t t_tiles = (p.T + kT - 1) / kT;
   const int64_t unit_warps = (geo.units + kUnits - 1) / kUnits;
-  const int ksplit = mv_ksplit(unit_warps * t_tiles, p.D / kW, l.num_sms);
+  constexpr int kU = mv_unroll<kW, kT>();
+  const int ksplit = kU == kMvDecodeUnroll ? mv_ksplit_short(p.D / kW, kU)
+                                           : mv_ksplit(unit_warps * t_tiles, p.D / kW, l.num_sms);
   const int64_t units_per_block = int64_t(kUnits) * (kMvWarps / ksplit);
   const int64_t blocks = (geo.units + units_per_block - 1) / units_per_block * t_tiles;
   if (blocks >= (int64_t(1) << 31))
     return fail(TK_ERR_UNSUPPORTED, "attn_front: T = %lld is too large for one launch",
                 (long long)p.T);
   attn_front_kernel<T, kW, kT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(
-      p, geo, t_tiles, ksplit, x_vec, l.error_flag);
+      p, geo, t_tiles, ksplit, l.error_flag);
   return check_launch("attn_front");
 }
 
@@ -154,14 +147,13 @@ tk_status launch(const tk_attn_front_params& p, const Launch& l) {
   geo.heads = p.num_q_heads + 2 * p.cache.num_kv_heads;
   geo.units_per_head = p.rot_dim / 2 + (p.cache.head_dim - p.rot_dim);
   geo.units = geo.heads * geo.units_per_head;
-  const bool x_vec = p.D % 8 == 0 && rows_aligned16(p.x, p.x_stride, sizeof(T), p.T) &&
-                     aligned16(p.norm_weight);
-  const bool vec = x_vec && p.D % kPack<T> == 0 &&
+  const bool vec = p.D % kPack<T> == 0 && rows_aligned16(p.x, p.x_stride, sizeof(T), p.T) &&
+                   aligned16(p.norm_weight) &&
                    rows_aligned16(p.w_qkv, p.w_qkv_stride, sizeof(T), geo.heads * p.cache.head_dim);
-  if (!vec) return launch_tiles<T, 1, 1>(p, l, geo, x_vec);
-  if (p.T == 1) return launch_tiles<T, kPack<T>, 1>(p, l, geo, x_vec);
-  if (p.T <= 4) return launch_tiles<T, kPack<T>, 4>(p, l, geo, x_vec);
-  return launch_tiles<T, kPack<T>, 8>(p, l, geo, x_vec);
+  if (!vec) return launch_tiles<T, 1, 1>(p, l, geo);
+  if (p.T == 1) return launch_tiles<T, kPack<T>, 1>(p, l, geo);
+  if (p.T <= 4) return launch_tiles<T, kPack<T>, 4>(p, l, geo);
+  return launch_tiles<T, kPack<T>, 8>(p, l, geo);
 }
 
 }  // namespace

@@ -6,8 +6,10 @@
 // the dot products (constant along K).
 //   SPLIT: each block computes the 1/rms of its tokens once.
 //   NAIVE: every warp (two outputs) recomputes them: the seed's lesson, for the bench.
+//   T >= 2 with x and weights of one 16-bit dtype (SPLIT): tensor cores, below.
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
+#include "cuda/qmma.cuh"
 
 namespace tk::cuda {
 namespace {
@@ -24,8 +26,8 @@ __device__ __forceinline__ float silu(float g) {
 template <class Tw, int kW, int kT, bool kAligned>
 __global__ void __launch_bounds__(kMvWarps * 32)
     ffn_kernel(tk_fused_ffn_params p, int64_t t_tiles, int ksplit, bool x_vec) {
-  __shared__ float red[kMvWarps * kT * kRows];
-  __shared__ float inv_block[kT];
+  // acc[t][kRows]: sum of squares of x_t over this warp's share of D.
+  __shared__ float red[kMvWarps * kT * (kRows + 1)];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t tile = blockIdx.x % t_tiles, col_block = blockIdx.x / t_tiles;
   const int groups = kMvWarps / ksplit, kpart = warp % ksplit;
@@ -35,7 +37,7 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * xsz, p.x_stride * xsz,
                 int(std::min<int64_t>(kT, p.T - t0)), p.dtype, p.norm_weight};
 
-  float acc[kT][kRows] = {};
+  float acc[kT][kRows + 1] = {};
   if constexpr (std::is_void_v<Tw>) {
     QRow w[kRows];
 #pragma unroll
@@ -53,11 +55,11 @@ __global__ void __launch_bounds__(kMvWarps * 32)
       w[c] = static_cast<const Tw*>(p.w_gate) + f * p.w_gate_stride;
       w[kCols + c] = static_cast<const Tw*>(p.w_up) + f * p.w_up_stride;
     }
-    mv_dot<Tw, kW, kT, kRows, true>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
+    mv_dot<Tw, kW, kT, kRows, true, mv_unroll<kW, kT>()>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
   }
-  mv_reduce<kT, kRows>(acc, red, ksplit);
-  // Statistics after the weight pass, so that the weight loads start at once
-  // (x is in L1/L2 by now). SPLIT: once per block. NAIVE: every warp again.
+  mv_reduce<kT, kRows + 1>(acc, red, ksplit);
+  // SPLIT: the statistic came with the weight pass (mv_dot's sum of squares).
+  // NAIVE: every warp reads x again for it: the seed's lesson, for the bench.
   float inv[kT];
   if (p.algo == TK_FUSED_NAIVE) {
 #pragma unroll
@@ -66,15 +68,8 @@ __global__ void __launch_bounds__(kMvWarps * 32)
                                    : mv_inv_rms<false>(p.dtype, a.x + t * a.stride_bytes, p.D, p.eps))
                           : 0.0f;
   } else {
-    for (int t = warp; t < a.rows; t += kMvWarps) {
-      const char* row = a.x + t * a.stride_bytes;
-      const float v = x_vec ? mv_inv_rms<true>(p.dtype, row, p.D, p.eps)
-                            : mv_inv_rms<false>(p.dtype, row, p.D, p.eps);
-      if (lane == 0) inv_block[t] = v;
-    }
-    __syncthreads();
 #pragma unroll
-    for (int t = 0; t < kT; ++t) inv[t] = t < a.rows ? inv_block[t] : 0.0f;
+    for (int t = 0; t < kT; ++t) inv[t] = rsqrtf(acc[t][kRows] / float(p.D) + p.eps);
   }
   if (kpart != 0) return;
 #pragma unroll
@@ -91,8 +86,10 @@ template <class Tw, int kW, int kT, bool kAligned>
 tk_status launch_tiles(const tk_fused_ffn_params& p, const Launch& l, int64_t accesses, bool x_vec) {
   const int64_t t_tiles = (p.T + kT - 1) / kT;
   const int64_t col_warps = (p.F + kCols - 1) / kCols;
-  const int ksplit = mv_ksplit(col_warps * t_tiles, accesses, l.num_sms,
-                               std::is_void_v<Tw> ? 1 : kMvUnroll);
+  constexpr bool kDecode = !std::is_void_v<Tw> && mv_unroll<kW, kT>() == kMvDecodeUnroll;
+  const int ksplit = kDecode ? mv_ksplit_short(accesses, kMvDecodeUnroll)
+                             : mv_ksplit(col_warps * t_tiles, accesses, l.num_sms,
+                                         std::is_void_v<Tw> ? 1 : kMvUnroll);
   const int64_t cols_per_block = int64_t(kCols) * (kMvWarps / ksplit);
   const int64_t blocks = (p.F + cols_per_block - 1) / cols_per_block * t_tiles;
   if (blocks >= (int64_t(1) << 31))
@@ -100,6 +97,131 @@ tk_status launch_tiles(const tk_fused_ffn_params& p, const Launch& l, int64_t ac
                 (long long)p.T, (long long)p.F);
   ffn_kernel<Tw, kW, kT, kAligned>
       <<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit, x_vec);
+  return check_launch("fused_ffn");
+}
+
+
+// ---- tensor-core path (T >= 2; x, norm weight and W of one 16-bit dtype) --
+// As matmul's mma path (matmul.cu): 16-byte chunks of W rows are A fragments
+// as they stand and the matching 16 bytes of activations the B fragments. A
+// warp owns 8 output columns: A rows 0..7 are gate rows f0..f0+7 and rows
+// 8..15 the up rows of the same columns, so a lane's accumulators c0, c1
+// (gate) and c2, c3 (up) belong to the same column and tokens: silu(g) * u
+// needs no other lane. B is x * norm_weight rounded to the activation dtype
+// (the normalised row an unfused chain would store); 1/rms, constant along D,
+// multiplies the dot products afterwards, its sum of squares accumulated in
+// f32 from the x chunks the lane loads anyway.
+template <class T, int kTT>
+__global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
+    ffn_mma_kernel(tk_fused_ffn_params p, int64_t t_tiles, int ksplit) {
+  using Q = QmmaType<T>;
+  constexpr int kU = 4;  // quad steps in flight: 8 x 16-byte W loads per lane
+  __shared__ float red[kMvWarps][kTT * 5][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t tile = blockIdx.x % t_tiles, col_block = blockIdx.x / t_tiles;
+  const int kpart = warp % ksplit;
+  const int64_t f0 = (col_block * (kMvWarps / ksplit) + warp / ksplit) * 8;
+  const int64_t f = std::min<int64_t>(f0 + g, p.F - 1);
+  const T* wg = static_cast<const T*>(p.w_gate) + f * p.w_gate_stride;
+  const T* wu = static_cast<const T*>(p.w_up) + f * p.w_up_stride;
+  const T* nw = static_cast<const T*>(p.norm_weight);
+  const int64_t t0 = tile * kTT * 8;
+  const T* xr[kTT];  // token t0 + 8 tt + g (rows past T repeat the last; results dropped)
+#pragma unroll
+  for (int tt = 0; tt < kTT; ++tt)
+    xr[tt] = static_cast<const T*>(p.x) + std::min<int64_t>(t0 + tt * 8 + g, p.T - 1) * p.x_stride;
+  const int64_t chunks = p.D / 8, quads = (chunks + 3) / 4;
+
+  float acc[kTT][4] = {}, ss[kTT] = {};
+  for (int64_t q0 = kpart; q0 < quads; q0 += int64_t(ksplit) * kU) {
+    uint4 ra[kU], rb[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = (q0 + int64_t(u) * ksplit) * 4 + t4;
+      ra[u] = rb[u] = make_uint4(0, 0, 0, 0);  // past D: zero weights (and zero x below)
+      if (c < chunks) {
+        ra[u] = ld16_stream(wg + c * 8);
+        rb[u] = ld16_stream(wu + c * 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t q = q0 + int64_t(u) * ksplit;
+      if (q >= quads) break;  // warp-uniform
+      const int64_t c = q * 4 + t4;
+      const bool in = c < chunks;
+      float nwf[8];
+      unpack<T>(in ? ld16(nw + c * 8) : make_uint4(0, 0, 0, 0), nwf);
+      const uint32_t a0[4] = {ra[u].x, rb[u].x, ra[u].y, rb[u].y};
+      const uint32_t a1[4] = {ra[u].z, rb[u].z, ra[u].w, rb[u].w};
+#pragma unroll
+      for (int tt = 0; tt < kTT; ++tt) {
+        float xf[8];
+        unpack<T>(in ? ld16(xr[tt] + c * 8) : make_uint4(0, 0, 0, 0), xf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          ss[tt] = fmaf(xf[e], xf[e], ss[tt]);
+          xf[e] *= nwf[e];
+        }
+        const uint4 b = pack<T>(xf);
+        Q::mma(acc[tt], a0, b.x, b.y);
+        Q::mma(acc[tt], a1, b.z, b.w);
+      }
+    }
+  }
+#pragma unroll
+  for (int tt = 0; tt < kTT; ++tt) {  // the 4 lanes of token g split its chunks
+    ss[tt] += __shfl_xor_sync(0xffffffffu, ss[tt], 1);
+    ss[tt] += __shfl_xor_sync(0xffffffffu, ss[tt], 2);
+  }
+  if (ksplit > 1) {  // uniform per block
+#pragma unroll
+    for (int tt = 0; tt < kTT; ++tt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][tt * 5 + i][lane] = acc[tt][i];
+      red[warp][tt * 5 + 4][lane] = ss[tt];
+    }
+    __syncthreads();
+    if (kpart == 0)
+      for (int j = 1; j < ksplit; ++j)
+#pragma unroll
+        for (int tt = 0; tt < kTT; ++tt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[tt][i] += red[warp + j][tt * 5 + i][lane];
+          ss[tt] += red[warp + j][tt * 5 + 4][lane];
+        }
+  }
+  if (kpart != 0) return;
+#pragma unroll
+  for (int tt = 0; tt < kTT; ++tt) {
+    const float inv_g = rsqrtf(ss[tt] / float(p.D) + p.eps);  // of token 8 tt + g
+    // c0, c2: token 2t4 (held by lanes 8 t4 ..); c1, c3: token 2t4 + 1.
+    const float inv[2] = {__shfl_sync(0xffffffffu, inv_g, 8 * t4),
+                          __shfl_sync(0xffffffffu, inv_g, 8 * t4 + 4)};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t tok = t0 + tt * 8 + 2 * t4 + i;
+      if (tok < p.T && f0 + g < p.F) {
+        const float gate = acc[tt][i] * inv[i], up = acc[tt][2 + i] * inv[i];
+        static_cast<T*>(p.out)[tok * p.out_stride + f0 + g] = from_f32<T>(silu<float>(gate) * up);
+      }
+    }
+  }
+}
+
+template <class T, int kTT>
+tk_status launch_mma(const tk_fused_ffn_params& p, const Launch& l) {
+  const int64_t t_tiles = (p.T + kTT * 8 - 1) / (kTT * 8);
+  const int64_t quads = (p.D / 8 + 3) / 4;
+  int ksplit = 1;  // each warp keeps at least two rounds of quad steps
+  while (ksplit < kMvWarps && quads >= int64_t(16) * ksplit) ksplit *= 2;
+  const int64_t tiles_per_block = kMvWarps / ksplit;
+  const int64_t col_tiles = (p.F + 7) / 8;
+  const int64_t blocks = (col_tiles + tiles_per_block - 1) / tiles_per_block * t_tiles;
+  if (blocks >= (int64_t(1) << 31))
+    return fail(TK_ERR_UNSUPPORTED, "fused_ffn: T = %lld x F = %lld is too large for one launch",
+                (long long)p.T, (long long)p.F);
+  ffn_mma_kernel<T, kTT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit);
   return check_launch("fused_ffn");
 }
 
@@ -114,6 +236,10 @@ tk_status launch_dense(const tk_fused_ffn_params& p, const Launch& l) {
   if (!vec) return launch_tiles<Tw, 1, 1, false>(p, l, p.D, x_vec);
   const int64_t acc = p.D / kPack<Tw>;
   if (p.T == 1) return launch_tiles<Tw, kPack<Tw>, 1, true>(p, l, acc, x_vec);
+  if constexpr (!std::is_same_v<Tw, float>) {
+    if (p.dtype == p.weight_dtype && p.algo != TK_FUSED_NAIVE)
+      return p.T <= 8 ? launch_mma<Tw, 1>(p, l) : launch_mma<Tw, 4>(p, l);
+  }
   if (p.T <= 4) return launch_tiles<Tw, kPack<Tw>, 4, true>(p, l, acc, x_vec);
   return launch_tiles<Tw, kPack<Tw>, 8, true>(p, l, acc, x_vec);
 }

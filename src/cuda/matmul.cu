@@ -1,11 +1,17 @@
 // Dense matmul on CUDA: y[T, N] = x[T, K] . W[N, K]^T.
 // Decode sizes (and every shape cuBLASLt does not take) run our weight-streaming
-// kernel (matvec.cuh): T is cut into tiles of kT rows; the tiles that share a
-// block of W rows are adjacent in the grid, so W comes from HBM once and from
-// L2 for the other tiles. Prefill sizes (T >= 64) with one dtype go to
-// cuBLASLt, whose tensor-core GEMMs win there.
+// kernels: T is cut into tiles; the tiles that share a block of W rows are
+// adjacent in the grid, so W comes from HBM once and from L2 for the other
+// tiles.
+//   T = 1, or mixed dtypes / f32 / unaligned: CUDA cores (matvec.cuh).
+//   T >= 2, x and W both f16 or both bf16: tensor cores (mma.sync m16n8k16,
+//   sm_80+), 16 W rows x 8 tokens per instruction; on CUDA cores these sizes
+//   are bound by issuing FMAs, not by reading W.
+// Prefill sizes (T >= 64) with one dtype go to cuBLASLt, whose tensor-core
+// GEMMs win there.
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
+#include "cuda/qmma.cuh"
 
 namespace tk::cuda {
 namespace {
@@ -30,7 +36,7 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * xsz, p.x_stride * xsz,
                 int(std::min<int64_t>(kT, p.T - t0)), p.dtype, nullptr};
   float acc[kT][kRows] = {};
-  mv_dot<Tw, kW, kT, kRows, false>(w, a, int64_t(kpart) * 32 + lane, p.K / kW, 32 * ksplit, acc);
+  mv_dot<Tw, kW, kT, kRows, false, mv_unroll<kW, kT>()>(w, a, int64_t(kpart) * 32 + lane, p.K / kW, 32 * ksplit, acc);
   mv_reduce<kT, kRows>(acc, red, ksplit);
   if (kpart != 0) return;
 #pragma unroll
@@ -45,13 +51,119 @@ template <class Tw, int kW, int kT>
 tk_status launch_tiles(const tk_matmul_params& p, const Launch& l) {
   const int64_t t_tiles = (p.T + kT - 1) / kT;
   const int64_t row_warps = (p.N + kRows - 1) / kRows;
-  const int ksplit = mv_ksplit(row_warps * t_tiles, p.K / kW, l.num_sms);
+  constexpr int kU = mv_unroll<kW, kT>();
+  const int ksplit = kU == kMvDecodeUnroll ? mv_ksplit_short(p.K / kW, kU)
+                                         : mv_ksplit(row_warps * t_tiles, p.K / kW, l.num_sms);
   const int64_t rows_per_block = int64_t(kRows) * (kMvWarps / ksplit);
   const int64_t blocks = (p.N + rows_per_block - 1) / rows_per_block * t_tiles;
   if (blocks >= (int64_t(1) << 31))
     return fail(TK_ERR_UNSUPPORTED, "matmul: T = %lld x N = %lld is too large for one launch",
                 (long long)p.T, (long long)p.N);
   matmul_kernel<Tw, kW, kT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit);
+  return check_launch("matmul");
+}
+
+
+// ---- tensor-core path ----------------------------------------------------
+// A warp owns 16 W rows and kTT tiles of 8 tokens. Lane (g, t4) streams
+// 16-byte chunks (8 k) of rows g and g + 8: a "quad step" q is chunks
+// 4q .. 4q + 3 of a row, lane t4 taking chunk 4q + t4 (64 contiguous bytes per
+// row). A chunk's four 32-bit words are the A fragments of two mmas as they
+// stand (words 0, 1: slots 2t4.. and 2t4 + 8..; words 2, 3: the next mma), and
+// the same 16 bytes of x are their B fragments: the mma only needs A and B to
+// agree on which k sits in each slot. The ksplit warps of a row tile split the
+// quad steps and add up through shared memory.
+// Quad steps per lane in flight: 2 x 4 16-byte W loads. Few registers matter
+// more than more loads per lane: at <= 80 registers 6+ blocks fit an SM, so a
+// decode-sized grid (896 blocks of 16 rows for N = 14336) runs as one wave,
+// with 6 x 128 x 8 loads of 16 bytes in flight per SM (Little's law needs
+// about a sixth of that). At 1.7 waves the last ones would run on 70% of the SMs.
+template <int kTT>
+constexpr int mma_unroll() { return 4; }
+
+template <class T, int kTT>
+__global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
+    matmul_mma_kernel(tk_matmul_params p, int64_t t_tiles, int ksplit) {
+  using Q = QmmaType<T>;
+  constexpr int kMmaUnroll = mma_unroll<kTT>();
+  __shared__ float red[kMvWarps][kTT * 4][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t tile = blockIdx.x % t_tiles, row_block = blockIdx.x / t_tiles;
+  const int kpart = warp % ksplit;
+  const int64_t n0 = (row_block * (kMvWarps / ksplit) + warp / ksplit) * 16;
+  const T* wa = static_cast<const T*>(p.w) + std::min<int64_t>(n0 + g, p.N - 1) * p.w_stride;
+  const T* wb = static_cast<const T*>(p.w) + std::min<int64_t>(n0 + g + 8, p.N - 1) * p.w_stride;
+  const int64_t t0 = tile * kTT * 8;
+  const T* xr[kTT];  // token t0 + 8 tt + g (rows past T repeat the last; results dropped)
+#pragma unroll
+  for (int tt = 0; tt < kTT; ++tt)
+    xr[tt] = static_cast<const T*>(p.x) + std::min<int64_t>(t0 + tt * 8 + g, p.T - 1) * p.x_stride;
+  const int64_t chunks = p.K / 8, quads = (chunks + 3) / 4;
+
+  float acc[kTT][4] = {};
+  for (int64_t q0 = kpart; q0 < quads; q0 += int64_t(ksplit) * kMmaUnroll) {
+    uint4 ra[kMmaUnroll], rb[kMmaUnroll];
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int64_t c = (q0 + int64_t(u) * ksplit) * 4 + t4;
+      ra[u] = rb[u] = make_uint4(0, 0, 0, 0);  // past K: zero weights (and zero x below)
+      if (c < chunks) {
+        ra[u] = ld16_stream(wa + c * 8);
+        rb[u] = ld16_stream(wb + c * 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int64_t q = q0 + int64_t(u) * ksplit;
+      if (q >= quads) break;  // warp-uniform
+      const int64_t c = q * 4 + t4;
+      const uint32_t a0[4] = {ra[u].x, rb[u].x, ra[u].y, rb[u].y};
+      const uint32_t a1[4] = {ra[u].z, rb[u].z, ra[u].w, rb[u].w};
+#pragma unroll
+      for (int tt = 0; tt < kTT; ++tt) {
+        const uint4 xv = c < chunks ? ld16(xr[tt] + c * 8) : make_uint4(0, 0, 0, 0);
+        Q::mma(acc[tt], a0, xv.x, xv.y);
+        Q::mma(acc[tt], a1, xv.z, xv.w);
+      }
+    }
+  }
+  if (ksplit > 1) {  // uniform per block
+#pragma unroll
+    for (int tt = 0; tt < kTT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][tt * 4 + i][lane] = acc[tt][i];
+    __syncthreads();
+    if (kpart == 0)
+      for (int j = 1; j < ksplit; ++j)
+#pragma unroll
+        for (int tt = 0; tt < kTT; ++tt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[tt][i] += red[warp + j][tt * 4 + i][lane];
+  }
+  if (kpart != 0) return;
+  // c0, c1: row g, tokens 2t4, 2t4 + 1; c2, c3: row g + 8.
+#pragma unroll
+  for (int tt = 0; tt < kTT; ++tt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = n0 + g + (i >= 2 ? 8 : 0), tok = t0 + tt * 8 + 2 * t4 + (i & 1);
+      if (row < p.N && tok < p.T) static_cast<T*>(p.y)[tok * p.y_stride + row] = from_f32<T>(acc[tt][i]);
+    }
+}
+
+template <class T, int kTT>
+tk_status launch_mma(const tk_matmul_params& p, const Launch& l) {
+  const int64_t t_tiles = (p.T + kTT * 8 - 1) / (kTT * 8);
+  const int64_t quads = (p.K / 8 + 3) / 4;
+  int ksplit = 1;  // each warp keeps at least two rounds of quad steps
+  while (ksplit < kMvWarps && quads >= int64_t(4) * mma_unroll<kTT>() * ksplit) ksplit *= 2;
+  const int64_t tiles_per_block = kMvWarps / ksplit;
+  const int64_t row_tiles = (p.N + 15) / 16;
+  const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block * t_tiles;
+  if (blocks >= (int64_t(1) << 31))
+    return fail(TK_ERR_UNSUPPORTED, "matmul: T = %lld x N = %lld is too large for one launch",
+                (long long)p.T, (long long)p.N);
+  matmul_mma_kernel<T, kTT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit);
   return check_launch("matmul");
 }
 
@@ -62,6 +174,10 @@ tk_status launch_ours(const tk_matmul_params& p, const Launch& l) {
                    rows_aligned16(p.x, p.x_stride, xsz, p.T);
   if (!vec) return launch_tiles<Tw, 1, 1>(p, l);  // odd sizes or unaligned: correct, not fast
   if (p.T == 1) return launch_tiles<Tw, kPack<Tw>, 1>(p, l);
+  if constexpr (!std::is_same_v<Tw, float>) {
+    if (p.dtype == p.weight_dtype)
+      return p.T <= 8 ? launch_mma<Tw, 1>(p, l) : launch_mma<Tw, 4>(p, l);
+  }
   if (p.T <= 4) return launch_tiles<Tw, kPack<Tw>, 4>(p, l);
   return launch_tiles<Tw, kPack<Tw>, 8>(p, l);
 }

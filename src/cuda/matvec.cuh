@@ -20,6 +20,12 @@ namespace tk::cuda {
 
 constexpr int kMvWarps = 4;   // warps per block
 constexpr int kMvUnroll = 2;  // weight accesses per lane per row in flight
+// Decode (one activation row, 16-byte weight accesses): 4 accesses per row in
+// flight, so a lane has kR x 4 independent 16-byte loads out before it needs
+// the first (with mv_ksplit_short, a warp's whole share of K in one round).
+constexpr int kMvDecodeUnroll = 4;
+template <int kW, int kT>
+constexpr int mv_unroll() { return kT == 1 && kW > 1 ? kMvDecodeUnroll : kMvUnroll; }
 
 // kT rows of activations, dtype known at run time, optionally times a norm
 // weight of the same dtype (x * w of RMSNorm; the 1/rms factor is applied to
@@ -54,25 +60,30 @@ __device__ __forceinline__ void load_act_n(tk_dtype dtype, const void* p, float 
 
 // acc[t][r] += sum over accesses p (p_begin, p_begin + step, ... < p_end) of
 // W_r[p*kW : (p+1)*kW] . act_t[...]. w: kR row pointers (valid memory).
-template <class Tw, int kW, int kT, int kR, bool kNorm>
+// kA == kR + 1 (with kNorm): acc[t][kR] += the sum of squares of act_t over the
+// same accesses, so the ksplit warps of a row group together hold the row's
+// RMS statistic without a second pass over x (which, for short blocks, would
+// be a chain of L2 round trips after the weight stream).
+template <class Tw, int kW, int kT, int kR, bool kNorm, int kU = kMvUnroll, int kA = kR>
 __device__ __forceinline__ void mv_dot(const Tw* const (&w)[kR], const MvAct& a, int64_t p_begin,
-                                       int64_t p_end, int step, float (&acc)[kT][kR]) {
+                                       int64_t p_end, int step, float (&acc)[kT][kA]) {
+  static_assert(kA == kR || (kNorm && kA == kR + 1), "acc holds kR dot products (+ sum of squares)");
   using WA = WeightAccess<Tw, kW>;
   const int64_t esz = a.dtype == TK_F32 ? 4 : 2;
   const char* xrow[kT];
 #pragma unroll
   for (int t = 0; t < kT; ++t) xrow[t] = a.x + int64_t(t < a.rows ? t : a.rows - 1) * a.stride_bytes;
-  for (int64_t p = p_begin; p < p_end; p += int64_t(step) * kMvUnroll) {
-    typename WA::Raw raw[kMvUnroll][kR];
+  for (int64_t p = p_begin; p < p_end; p += int64_t(step) * kU) {
+    typename WA::Raw raw[kU][kR];
 #pragma unroll
-    for (int u = 0; u < kMvUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int64_t pu = p + int64_t(u) * step;
 #pragma unroll
       for (int r = 0; r < kR; ++r)
         if (pu < p_end) raw[u][r] = WA::load(w[r] + pu * kW);
     }
 #pragma unroll
-    for (int u = 0; u < kMvUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int64_t pu = p + int64_t(u) * step;
       if (pu >= p_end) break;
       float wv[kR][kW];
@@ -86,6 +97,7 @@ __device__ __forceinline__ void mv_dot(const Tw* const (&w)[kR], const MvAct& a,
         load_act_n<kW>(a.dtype, xrow[t] + pu * kW * esz, xv);
 #pragma unroll
         for (int e = 0; e < kW; ++e) {
+          if constexpr (kA > kR) acc[t][kR] = fmaf(xv[e], xv[e], acc[t][kR]);
           const float xe = kNorm ? xv[e] * nw[e] : xv[e];
 #pragma unroll
           for (int r = 0; r < kR; ++r) acc[t][r] = fmaf(wv[r][e], xe, acc[t][r]);
@@ -125,9 +137,11 @@ __device__ __forceinline__ uint4 load_q16(const uint8_t* p) {
 // int-to-float conversion), so q - zero costs one FADD, exactly; the group
 // scale multiplies the 32-element partial sums once per access.
 // kAligned: packed rows and activations allow 16-byte loads (else bytes and scalars).
-template <int kT, int kR, bool kNorm, bool kAligned>
+// kA == kR + 1: acc[t][kR] += sum of squares of act_t, as in mv_dot.
+template <int kT, int kR, bool kNorm, bool kAligned, int kA = kR>
 __device__ __forceinline__ void mv_dot_int4(const QRow (&w)[kR], const MvAct& a, int64_t p_begin,
-                                            int64_t p_end, int step, float (&acc)[kT][kR]) {
+                                            int64_t p_end, int step, float (&acc)[kT][kA]) {
+  static_assert(kA == kR || (kNorm && kA == kR + 1), "acc holds kR dot products (+ sum of squares)");
   const int64_t esz = a.dtype == TK_F32 ? 4 : 2;
   const char* xrow[kT];
 #pragma unroll
@@ -171,6 +185,7 @@ __device__ __forceinline__ void mv_dot_int4(const QRow (&w)[kR], const MvAct& a,
           for (int e = 0; e < 8; ++e) xv[e] = load_any(a.dtype, xrow[t], k + e);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
+          if constexpr (kA > kR) acc[t][kR] = fmaf(xv[e], xv[e], acc[t][kR]);
           const float xe = kNorm ? xv[e] * nw[e] : xv[e];
 #pragma unroll
           for (int r = 0; r < kR; ++r) part[t][r] = fmaf(wq[r][e], xe, part[t][r]);
@@ -241,6 +256,17 @@ __device__ __forceinline__ float mv_inv_rms(tk_dtype dtype, const char* row, int
   }
   ss = warp_sum(ss);
   return rsqrtf(ss / float(d) + eps);
+}
+
+// Host, decode (T = 1) grids: the most warps (<= kMvWarps) that split K for
+// the same rows while each still gets a full step of 32 lanes x `unroll`
+// accesses. Blocks then live for one or two load rounds, so the grid is many
+// short waves: no SM idles through a long last wave, and every warp issues all
+// of its kR x unroll loads before its first FMA.
+inline int mv_ksplit_short(int64_t accesses_per_row, int unroll) {
+  int ksplit = 1;
+  while (ksplit < kMvWarps && accesses_per_row >= int64_t(64) * unroll * ksplit) ksplit *= 2;
+  return ksplit;
 }
 
 // Host: how many warps split K for the same rows so that the grid holds

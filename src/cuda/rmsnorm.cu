@@ -65,12 +65,12 @@ __device__ __forceinline__ float load_h(const T* x, T* res, int64_t i,
 }
 
 template <class T, int kW>
-__device__ __forceinline__ void store_y(T* y, const T* w, int64_t i,
+__device__ __forceinline__ void store_y(T* y, const typename Access<T, kW>::Raw& wraw, int64_t i,
                                         const typename Access<T, kW>::Raw& raw, float inv) {
   using A = Access<T, kW>;
   float h[kW], wv[kW], out[kW];
   A::to_floats(raw, h);
-  A::to_floats(A::load(w + i * kW), wv);
+  A::to_floats(wraw, wv);
 #pragma unroll
   for (int e = 0; e < kW; ++e) out[e] = h[e] * inv * wv[e];
   A::store(y + i * kW, A::from_floats(out));
@@ -88,7 +88,14 @@ __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
   const int64_t n = p.dim / kW;
   const int tid = threadIdx.x, bd = blockDim.x;
 
-  typename A::Raw cache[kCached];
+  // The weight is loaded with x, not after the reduction: for few rows the
+  // kernel is a chain of memory round trips, and this takes one out of it.
+  typename A::Raw cache[kCached], wcache[kCached];
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t i = tid + int64_t(j) * bd;
+    if (i < n) wcache[j] = A::load(w + i * kW);
+  }
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < kCached; ++j) {
@@ -107,10 +114,10 @@ __global__ void rmsnorm_kernel(tk_rmsnorm_params p) {
 #pragma unroll
   for (int j = 0; j < kCached; ++j) {
     const int64_t i = tid + int64_t(j) * bd;
-    if (i < n) store_y<T, kW>(y, w, i, cache[j], inv);
+    if (i < n) store_y<T, kW>(y, wcache[j], i, cache[j], inv);
   }
   for (int64_t i = tid + int64_t(kCached) * bd; i < n; i += bd)
-    store_y<T, kW>(y, w, i, A::load((res ? res : x) + i * kW), inv);  // residual holds h
+    store_y<T, kW>(y, A::load(w + i * kW), i, A::load((res ? res : x) + i * kW), inv);  // residual holds h
 }
 
 template <class T>
