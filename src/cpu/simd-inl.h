@@ -190,10 +190,35 @@ HWY_INLINE float ReduceSum(DF d, VF v) { return hn::GetLane(hn::SumOfLanes(d, v)
 // denormal; callers that need exact zeros mask them).
 HWY_INLINE VF ExpClamped(DF d, VF x) { return hn::Exp(d, hn::Max(x, hn::Set(d, -87.0f))); }
 
-// silu(g) = g / (1 + e^-g); e^-g saturates at e^88 so very negative g gives -0.
+// e^x for x in [-87, 88], within 2 ulp, in about 13 instructions (Highway's
+// Exp takes twice that and made swiglu compute-bound on 2 cores): x = n ln2 +
+// r with ln2 split in two (Cody-Waite), e^r by its Taylor series to r^7
+// (|r| <= ln2 / 2), and 2^n built in the exponent bits.
+HWY_INLINE VF ExpFast(DF d, VF x) {
+  const hn::RebindToSigned<DF> di;
+  const VF n = hn::Round(hn::Mul(x, hn::Set(d, 1.44269504088896341f)));
+  VF r = hn::NegMulAdd(n, hn::Set(d, 0.693359375f), x);
+  r = hn::NegMulAdd(n, hn::Set(d, -2.12194440e-4f), r);
+  VF p = hn::Set(d, 1.0f / 5040);
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f / 720));
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f / 120));
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f / 24));
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f / 6));
+  p = hn::MulAdd(p, r, hn::Set(d, 0.5f));
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f));
+  p = hn::MulAdd(p, r, hn::Set(d, 1.0f));
+  const auto bits = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
+  return hn::Mul(p, hn::BitCast(d, bits));
+}
+
+// silu(g) = g / (1 + e^-g), with e^-g clamped to [e^-87, e^88] (very negative
+// g gives -0 to within 1e-36). The division is a reciprocal estimate plus one
+// Newton step.
 HWY_INLINE VF Silu(DF d, VF g) {
-  const VF e = hn::Exp(d, hn::Min(hn::Neg(g), hn::Set(d, 88.0f)));
-  return hn::Div(g, hn::Add(hn::Set(d, 1.0f), e));
+  const VF e = ExpFast(d, hn::Clamp(hn::Neg(g), hn::Set(d, -87.0f), hn::Set(d, 88.0f)));
+  const VF den = hn::Add(hn::Set(d, 1.0f), e);
+  const VF r = hn::ApproximateReciprocal(den);
+  return hn::Mul(g, hn::Mul(r, hn::NegMulAdd(den, r, hn::Set(d, 2.0f))));
 }
 
 // Dot product of two f32 rows of n elements.
