@@ -12,7 +12,9 @@
 //
 // Long contexts split into chunks (grid.y) when the caller gives a workspace:
 // each chunk writes a normalised partial output and its log2-sum-exp, and a
-// second kernel merges them.
+// second kernel merges them. On Hopper the merge is a programmatic dependent
+// launch: its CTAs are resident before the decode grid ends, so the launch gap
+// between the two kernels leaves the critical path.
 #include <algorithm>
 #include <climits>
 
@@ -46,6 +48,9 @@ struct PagedArgs {
   float* part_o;      // [splits, total_q * Hq, D] when splits > 1
   float* part_lse;    // [splits, total_q * Hq], log2 domain
   bool q_vec16, o_vec16, kv_vec16;
+  // The merge kernel is a programmatic dependent launch (sm_90, not portable):
+  // its CTAs start while the decode grid runs and wait for it in-kernel.
+  bool pdl;
   unsigned int* error_flag;
 };
 
@@ -125,6 +130,11 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   using C = DecodeConfig<D>;
   constexpr int kU = C::kUnroll, kR = C::kRows, kLanes = C::kLanesPerRow;
   __shared__ __align__(16) unsigned char smem[C::kSmemBytes];
+#if __CUDA_ARCH__ >= 900
+  // The merge's griddepcontrol.wait still waits for this whole grid to finish
+  // and flush; triggering at once only takes its launch off the critical path.
+  if (a.pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 
   const int tid = threadIdx.x;
   const int slot = tid / kLanes, sub = tid % kLanes;
@@ -165,24 +175,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   const int first_vis = si.ctx - si.q_len + 1;
   const int tok_end = min(tok_begin + a.chunk, first_vis + (row0 + nrows - 1) / G);
   if (tok_begin >= tok_end) return;  // the merge reads no split past a row's context
-
-  float qf[kR][8];
-  int vis[kR];
-#pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    vis[r] = 0;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) qf[r][e] = 0.f;
-    if (r < nrows) {
-      const int rr = row0 + r, i = rr / G, h = kvh * G + rr % G;
-      vis[r] = first_vis + i;
-      const T* qp = static_cast<const T*>(a.q) + (si.q0 + i) * a.q_tok + h * a.q_head + sub * 8;
-      const uint4 raw = a.q_vec16 ? ld16(qp) : load8_unaligned(qp);
-      unpack<T>(raw, qf[r]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qf[r][e] *= a.scale_log2;
-    }
-  }
 
   const T* k_base = static_cast<const T*>(a.k_cache) + kvh * D + sub * 8;
   const T* v_base = static_cast<const T*>(a.v_cache) + kvh * D + sub * 8;
@@ -238,6 +230,28 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
     }
     cp_async_commit();
   }
+
+  // The query rows load after the first copies are issued: they are needed
+  // only by the first tile's math, so their DRAM round trip overlaps the KV's
+  // instead of preceding it.
+  float qf[kR][8];
+  int vis[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    vis[r] = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qf[r][e] = 0.f;
+    if (r < nrows) {
+      const int rr = row0 + r, i = rr / G, h = kvh * G + rr % G;
+      vis[r] = first_vis + i;
+      const T* qp = static_cast<const T*>(a.q) + (si.q0 + i) * a.q_tok + h * a.q_head + sub * 8;
+      const uint4 raw = a.q_vec16 ? ld16(qp) : load8_unaligned(qp);
+      unpack<T>(raw, qf[r]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qf[r][e] *= a.scale_log2;
+    }
+  }
+
   for (int it = 0; it < n_tiles; ++it) {
     const int ahead = it + C::kStages - 1;
     if (ahead < n_tiles) {
@@ -365,53 +379,95 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, kCtasPerSm)
   }
 }
 
-// One warp per (query token, q head): out = sum_j 2^lse_j O_j / sum_j 2^lse_j
-// over the splits that cover the row's visible context. The lanes read 32
-// split lse values at once and the partial rows are independent loads: a
-// split-by-split online merge would chain one L2 round trip per split.
+// f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned).
+template <int N>
+__device__ __forceinline__ void ld_f32(const float* p, float (&x)[N]) {
+  if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x[0] = v.x, x[1] = v.y;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k) {
+      const float4 v = reinterpret_cast<const float4*>(p)[k];
+      x[4 * k] = v.x, x[4 * k + 1] = v.y, x[4 * k + 2] = v.z, x[4 * k + 3] = v.w;
+    }
+  }
+}
+
+// One CTA per (query token, q head): out = sum_j 2^lse_j O_j / sum_j 2^lse_j
+// over the splits that cover the row's visible context. Each of the 4 warps
+// takes a quarter of the splits (at most 32, kMaxSplits = 128), so a lane reads
+// one split's lse and a warp's partial rows are kBatch independent loads in
+// flight: the merge costs two L2 round trips, not one per split.
 template <typename T, int D>
-__global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a, int tiles_per_seq) {
+__global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
   constexpr int kPer = D / 32;
+  constexpr int kBatch = kPer <= 4 ? 16 : 8;
+  static_assert(kMaxSplits <= 4 * 32, "one split per lane");
+  __shared__ __align__(16) float red_o[4][D];
+  __shared__ float red_m[4], red_l[4];
+#if __CUDA_ARCH__ >= 900
+  if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int s = blockIdx.x / tiles_per_seq;
-  const int rr = (blockIdx.x % tiles_per_seq) * 4 + warp;
+  const int64_t rows_per_seq = a.max_q_len * a.num_q_heads;
+  const int s = int(blockIdx.x / rows_per_seq);
+  const int rr = int(blockIdx.x % rows_per_seq);
   const SeqInfo si = seq_info(a, s);
-  if (!si.ok || rr >= si.q_len * a.num_q_heads) return;
+  if (!si.ok || rr >= si.q_len * a.num_q_heads) return;  // uniform over the CTA
   const int i = rr / a.num_q_heads, h = rr % a.num_q_heads;
   const int vis = si.ctx - si.q_len + i + 1;
   const int n = min(a.splits, (vis + a.chunk - 1) / a.chunk);
+  const int per = (n + 3) / 4;
+  const int j0 = warp * per;
+  const int cnt = min(per, n - j0);  // this warp's splits; may be <= 0
   const int64_t tok = si.q0 + i;
   const int64_t rows_total = a.total_q * a.num_q_heads;
   const int64_t row = tok * a.num_q_heads + h;
 
-  float mx = -INFINITY;
-  for (int j = lane; j < n; j += 32) mx = fmaxf(mx, a.part_lse[int64_t(j) * rows_total + row]);
-  mx = warp_max(mx);
+  // An empty split has lse -inf, weight 0 and a zero partial row.
+  const float lj = lane < cnt ? a.part_lse[int64_t(j0 + lane) * rows_total + row] : -INFINITY;
+  const float wmax = warp_max(lj);
+  if (lane == 0) red_m[warp] = wmax;
+  __syncthreads();
+  const float mx = fmaxf(fmaxf(red_m[0], red_m[1]), fmaxf(red_m[2], red_m[3]));
   const float m_use = mx == -INFINITY ? 0.f : mx;
-  float sum = 0.f, o[kPer];
+  const float w_lane = lane < cnt ? fast_exp2(lj - m_use) : 0.f;
+
+  float o[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) o[e] = 0.f;
-  for (int j0 = 0; j0 < n; j0 += 32) {
-    const int j = j0 + lane;
-    // An empty split has lse -inf, weight 0 and a zero partial row.
-    const float w_lane =
-        j < n ? fast_exp2(a.part_lse[int64_t(j) * rows_total + row] - m_use) : 0.f;
-    sum += w_lane;
-    const int count = min(32, n - j0);
-#pragma unroll 4
-    for (int jj = 0; jj < count; ++jj) {
-      const float w = __shfl_sync(0xffffffffu, w_lane, jj);
-      const float* src = a.part_o + (int64_t(j0 + jj) * rows_total + row) * D + lane * kPer;
+  for (int q0 = 0; q0 < cnt; q0 += kBatch) {
+    float x[kBatch][kPer];
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) o[e] = fmaf(w, src[e], o[e]);
+    for (int q = 0; q < kBatch; ++q) {
+      if (q0 + q < cnt) {
+        ld_f32<kPer>(a.part_o + (int64_t(j0 + q0 + q) * rows_total + row) * D + lane * kPer, x[q]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) x[q][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      // q0 + q < 32: cnt <= 32 and kBatch divides 32. Lanes past cnt weigh 0.
+      const float w = __shfl_sync(0xffffffffu, w_lane, q0 + q);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) o[e] = fmaf(w, x[q][e], o[e]);
     }
   }
-  sum = warp_sum(sum);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + lane * kPer;
+  const float wsum = warp_sum(w_lane);
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) op[e] = from_f32<T>(o[e] * inv);
-  if (a.lse && lane == 0)
+  for (int e = 0; e < kPer; ++e) red_o[warp][lane * kPer + e] = o[e];
+  if (lane == 0) red_l[warp] = wsum;
+  __syncthreads();
+
+  const float sum = red_l[0] + red_l[1] + red_l[2] + red_l[3];
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    op[d] = from_f32<T>((red_o[0][d] + red_o[1][d] + red_o[2][d] + red_o[3][d]) * inv);
+  if (a.lse && threadIdx.x == 0)
     a.lse[int64_t(h) * a.total_q + tok] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
 }
 
@@ -445,14 +501,28 @@ tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, con
     a.part_o = static_cast<float*>(workspace);
     a.part_lse = a.part_o + splits * a.total_q * a.num_q_heads * D;
   }
+  a.pdl = splits > 1 && !l.portable && l.sm_major >= 9;
   paged_decode_kernel<T, D><<<dim3(unsigned(base_ctas), unsigned(splits)), C::kThreads, 0,
                               l.stream>>>(a);
   TK_TRY(check_launch("paged_attention"));
   if (splits > 1) {
-    const int64_t tiles = (a.max_q_len * a.num_q_heads + 3) / 4;
-    if (tiles * a.num_seqs > INT_MAX)
-      return fail(TK_ERR_UNSUPPORTED, "paged_attention: merge grid too large");
-    paged_merge_kernel<T, D><<<unsigned(tiles * a.num_seqs), 128, 0, l.stream>>>(a, int(tiles));
+    const int64_t rows = int64_t(a.num_seqs) * a.max_q_len * a.num_q_heads;
+    if (rows > INT_MAX) return fail(TK_ERR_UNSUPPORTED, "paged_attention: merge grid too large");
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(rows));
+    cfg.blockDim = dim3(128);
+    cfg.stream = l.stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = a.pdl ? 1 : 0;
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, paged_merge_kernel<T, D>, a);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return fail(TK_ERR_BACKEND, "paged_attention merge: CUDA launch failed: %s",
+                  cudaGetErrorString(e));
+    }
     TK_TRY(check_launch("paged_attention merge"));
   }
   return TK_OK;
