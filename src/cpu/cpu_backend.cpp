@@ -2,6 +2,7 @@
 // over a small persistent thread pool. The kernels live in elementwise.cpp,
 // matmul.cpp and attention.cpp; this file only owns the pool.
 #include <cstdio>
+#include <mutex>
 #include <new>
 #include <string>
 #include <thread>
@@ -22,6 +23,7 @@ class CpuBackend final : public HostBackend {
   const char* device_name() const override { return device_name_.c_str(); }
 
   tk_status set_threads(int threads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     pool_.resize(threads);
     update_name();
     return TK_OK;
@@ -50,8 +52,11 @@ class CpuBackend final : public HostBackend {
  private:
   // Scratch buffers grow on first use of a larger shape; that is the only way a
   // kernel can fail, and it must come back as a status, not an exception.
+  // The pool runs one op at a time, so calls on one context from several
+  // threads take turns (an uncontended lock costs tens of nanoseconds).
   template <class F>
   tk_status run(const F& f) {
+    std::lock_guard<std::mutex> lock(mutex_);
     try {
       f();
     } catch (const std::bad_alloc&) {
@@ -67,6 +72,7 @@ class CpuBackend final : public HostBackend {
     device_name_ = buf;
   }
 
+  std::mutex mutex_;
   cpu::ThreadPool pool_;
   std::string device_name_;
 };
