@@ -1,6 +1,7 @@
 #include "core/validate.h"
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -12,10 +13,23 @@ namespace {
 // offset and product of two dimensions far from int64 overflow.
 constexpr int64_t kMaxDim = int64_t(1) << 31;
 
-bool valid_dtype(tk_dtype d) { return d == TK_F32 || d == TK_F16 || d == TK_BF16; }
+// Enum fields arrive from C callers and may hold any int. Read them as ints:
+// loading an out-of-range value as the C++ enum type is undefined behaviour
+// (UBSan reports it), and an unknown value must be an error message instead.
+template <class E>
+int raw(const E& e) {
+  static_assert(sizeof(E) == sizeof(int));
+  int v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
 
-tk_status check_dtype(const char* op, const char* what, tk_dtype d) {
-  TK_REQUIRE(valid_dtype(d), TK_ERR_UNSUPPORTED, "%s: unsupported %s dtype %d", op, what, int(d));
+bool valid_dtype(int d) { return d == TK_F32 || d == TK_F16 || d == TK_BF16; }
+const char* dtype_name(int d) { return valid_dtype(d) ? tk_dtype_name(tk_dtype(d)) : "unknown"; }
+
+tk_status check_dtype(const char* op, const char* what, const tk_dtype& d) {
+  TK_REQUIRE(valid_dtype(raw(d)), TK_ERR_UNSUPPORTED, "%s: unsupported %s dtype %d", op, what,
+             raw(d));
   return TK_OK;
 }
 
@@ -66,10 +80,11 @@ tk_status check_eps(const char* op, float eps) {
   return TK_OK;
 }
 
-tk_status check_rope_table(const char* op, tk_rope_style style, int64_t head_dim, int64_t rot_dim,
-                           const float* cos_table, const float* sin_table, int64_t max_pos) {
-  TK_REQUIRE(style == TK_ROPE_NEOX || style == TK_ROPE_GPTJ, TK_ERR_INVALID_ARGUMENT,
-             "%s: unknown rope style %d", op, int(style));
+tk_status check_rope_table(const char* op, const tk_rope_style& style, int64_t head_dim,
+                           int64_t rot_dim, const float* cos_table, const float* sin_table,
+                           int64_t max_pos) {
+  TK_REQUIRE(raw(style) == TK_ROPE_NEOX || raw(style) == TK_ROPE_GPTJ, TK_ERR_INVALID_ARGUMENT,
+             "%s: unknown rope style %d", op, raw(style));
   TK_REQUIRE(rot_dim >= 2 && rot_dim % 2 == 0 && rot_dim <= head_dim, TK_ERR_INVALID_ARGUMENT,
              "%s: rot_dim = %lld must be even and in [2, head_dim = %lld]", op, (long long)rot_dim,
              (long long)head_dim);
@@ -92,8 +107,8 @@ tk_status check_positions(const char* op, const int32_t* positions, int64_t toke
 }
 
 tk_status check_cache(const char* op, const tk_paged_kv_cache& c, tk_dtype dtype) {
-  TK_REQUIRE(c.dtype == dtype, TK_ERR_UNSUPPORTED, "%s: cache dtype %s differs from %s", op,
-             tk_dtype_name(c.dtype), tk_dtype_name(dtype));
+  TK_REQUIRE(raw(c.dtype) == raw(dtype), TK_ERR_UNSUPPORTED, "%s: cache dtype %s differs from %s",
+             op, dtype_name(raw(c.dtype)), dtype_name(raw(dtype)));
   TK_TRY(check_dim(op, "cache.num_blocks", c.num_blocks, 1));
   TK_REQUIRE(c.page_size >= 1 && c.page_size <= 256 && (c.page_size & (c.page_size - 1)) == 0,
              TK_ERR_UNSUPPORTED, "%s: page_size = %lld must be a power of two in [1, 256]", op,
@@ -209,9 +224,9 @@ tk_status validate(const tk_matmul_params& p) {
 }
 
 tk_status validate_int4_weights(const char* op, const char* name, const tk_int4_weights& w) {
-  TK_REQUIRE(w.scale_dtype == TK_F16 || w.scale_dtype == TK_BF16, TK_ERR_UNSUPPORTED,
+  TK_REQUIRE(raw(w.scale_dtype) == TK_F16 || raw(w.scale_dtype) == TK_BF16, TK_ERR_UNSUPPORTED,
              "%s: %s scale dtype must be f16 or bf16, got %s", op, name,
-             valid_dtype(w.scale_dtype) ? tk_dtype_name(w.scale_dtype) : "unknown");
+             dtype_name(raw(w.scale_dtype)));
   TK_REQUIRE(w.group_size == 32 || w.group_size == 64 || w.group_size == 128, TK_ERR_UNSUPPORTED,
              "%s: %s group size %lld is not one of 32, 64, 128", op, name,
              (long long)w.group_size);
@@ -243,16 +258,16 @@ tk_status validate(const tk_fused_ffn_params& p) {
   TK_TRY(check_dim(op, "D", p.D, 1));
   TK_TRY(check_dim(op, "F", p.F, 1));
   TK_TRY(check_eps(op, p.eps));
-  TK_REQUIRE(p.algo == TK_FUSED_SPLIT || p.algo == TK_FUSED_NAIVE, TK_ERR_INVALID_ARGUMENT,
-             "fused_ffn: unknown algo %d", int(p.algo));
+  TK_REQUIRE(raw(p.algo) == TK_FUSED_SPLIT || raw(p.algo) == TK_FUSED_NAIVE,
+             TK_ERR_INVALID_ARGUMENT, "fused_ffn: unknown algo %d", raw(p.algo));
   TK_TRY(check_matrix(op, "x", p.x, p.dtype, p.T, p.D, p.x_stride));
   TK_TRY(check_ptr(op, "norm_weight", p.norm_weight, dtype_size(p.dtype)));
   TK_TRY(check_matrix(op, "out", p.out, p.dtype, p.T, p.F, p.out_stride));
-  if (p.format == TK_WEIGHTS_DENSE) {
+  if (raw(p.format) == TK_WEIGHTS_DENSE) {
     TK_TRY(check_dtype(op, "weight", p.weight_dtype));
     TK_TRY(check_matrix(op, "w_gate", p.w_gate, p.weight_dtype, p.F, p.D, p.w_gate_stride));
     TK_TRY(check_matrix(op, "w_up", p.w_up, p.weight_dtype, p.F, p.D, p.w_up_stride));
-  } else if (p.format == TK_WEIGHTS_INT4) {
+  } else if (raw(p.format) == TK_WEIGHTS_INT4) {
     TK_TRY(validate_int4_weights(op, "q_gate", p.q_gate));
     TK_TRY(validate_int4_weights(op, "q_up", p.q_up));
     TK_REQUIRE(p.q_gate.N == p.F && p.q_gate.K == p.D && p.q_up.N == p.F && p.q_up.K == p.D,
@@ -262,7 +277,7 @@ tk_status validate(const tk_fused_ffn_params& p) {
                (long long)p.q_gate.N, (long long)p.q_gate.K, (long long)p.q_up.N,
                (long long)p.q_up.K, (long long)p.F, (long long)p.D);
   } else {
-    return fail(TK_ERR_INVALID_ARGUMENT, "fused_ffn: unknown weight format %d", int(p.format));
+    return fail(TK_ERR_INVALID_ARGUMENT, "fused_ffn: unknown weight format %d", raw(p.format));
   }
   return TK_OK;
 }
