@@ -249,7 +249,8 @@ tk_status AttnFrontTest::call(tk_context* ctx, const tk_attn_front_params& p) co
 
 void AttnFrontTest::compare(const Result& out, const Result& ref) const {
   const Tol tol = tolerance(OpKind::Matmul, s_.dtype);
-  EXPECT_TRUE(compare_close(out.of(q_out), ref.of(q_out), tol));
+  // Projections of about 1 (weights of 2/sqrt(D)).
+  EXPECT_TRUE(compare_close(out.of(q_out), ref.of(q_out), tol, 0.1));
   // The cache: slots this call writes compare with the reference; every other
   // byte (older tokens, unused slots and blocks) must be exactly as before.
   const std::vector<char> was_nan_k = [&] {
@@ -278,7 +279,7 @@ void AttnFrontTest::compare(const Result& out, const Result& ref) const {
     EXPECT_EQ(stray, 0) << t->name << ": " << stray
                         << " elements outside the slots of this call's tokens changed, first at "
                         << (first >= 0 ? t->index_string(first) : "");
-    EXPECT_TRUE(compare_close(got_new, want_new, tol));
+    EXPECT_TRUE(compare_close(got_new, want_new, tol, 0.1));
   }
 }
 
@@ -434,8 +435,6 @@ std::vector<Case> flash_cases() {
       f.layout = kLayouts[i % 4];
       f.head_major = i % 5 == 3;
       f.qk_range = i % 4 == 1 ? 10 : 1;
-      // Keep the double-precision reference cheap on host backends.
-      if (FlashTest(f).cost() > kHostCostLimit && s.size() == 1 && s[0].first > 64) f.Hq = f.Hkv = 1;
       ++i;
       cases.push_back(make_case<FlashTest>(f));
     }
