@@ -62,13 +62,18 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const MvAct a{static_cast<const char*>(p.x) + t0 * p.x_stride * int64_t(sizeof(T)),
                 p.x_stride * int64_t(sizeof(T)), int(std::min<int64_t>(kT, p.T - t0)), p.dtype,
                 p.norm_weight};
+  // The epilogue's position and sequence id, loaded before the weight pass:
+  // otherwise they start a chain of dependent round trips (position -> table
+  // row and block table -> store) after it, in every block.
+  const int my_t = lane / kUnits, my_j = lane % kUnits;  // lane 2t + j finishes unit j of token t
+  const int64_t tok = t0 + std::min(my_t, a.rows - 1);
+  const int32_t pos = p.positions[tok];
+  const int32_t seq = p.seq_ids[tok];
   float acc[kT][kRows + 1] = {};
   mv_dot<T, kW, kT, kRows, true, mv_unroll<kW, kT>()>(w, a, int64_t(kpart) * 32 + lane, p.D / kW, 32 * ksplit, acc);
   mv_reduce<kT, kRows + 1>(acc, red, ksplit);
   if (kpart != 0) return;
 
-  // Lane 2t + j finishes unit j of token t.
-  const int my_t = lane / kUnits, my_j = lane % kUnits;
   float va = 0.0f, vb = 0.0f, ss = 0.0f;
 #pragma unroll
   for (int t = 0; t < kT; ++t)
@@ -84,10 +89,8 @@ __global__ void __launch_bounds__(kMvWarps * 32)
   const float inv = rsqrtf(ss / float(p.D) + p.eps);
   va *= inv;
   vb *= inv;
-  const int64_t tok = t0 + my_t;
   const int64_t h = unit / geo.units_per_head, u = unit - h * geo.units_per_head;
   const int64_t hq = p.num_q_heads, hkv = p.cache.num_kv_heads;
-  const int32_t pos = p.positions[tok];
   if (pos < 0 || pos >= p.max_pos) {
     raise_index_error(error_flag);
     return;
@@ -105,7 +108,6 @@ __global__ void __launch_bounds__(kMvWarps * 32)
     dst = static_cast<T*>(p.q_out) + (tok * hq + h) * dh;
   } else {
     const tk_paged_kv_cache& c = p.cache;
-    const int32_t seq = p.seq_ids[tok];
     const int64_t bi = pos / c.page_size;
     if (seq < 0 || seq >= c.num_seqs || bi >= c.max_blocks_per_seq) {
       raise_index_error(error_flag);

@@ -133,21 +133,26 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   const int64_t chunks = p.D / 8, quads = (chunks + 3) / 4;
 
   float acc[kTT][4] = {}, ss[kTT] = {};
-  for (int64_t q0 = kpart; q0 < quads; q0 += int64_t(ksplit) * kU) {
+  // Each warp takes one contiguous range of quad steps, so a round's kU
+  // steps read kU x 64 contiguous bytes of each row back to back (the
+  // ksplit warps' steps interleaved would read 64-byte pieces 256 bytes apart).
+  const int64_t per_warp = (quads + ksplit - 1) / ksplit;
+  const int64_t q_begin = kpart * per_warp, q_end = std::min(quads, q_begin + per_warp);
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kU) {
     uint4 ra[kU], rb[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t c = (q0 + int64_t(u) * ksplit) * 4 + t4;
+      const int64_t c = (q0 + u) * 4 + t4;
       ra[u] = rb[u] = make_uint4(0, 0, 0, 0);  // past D: zero weights (and zero x below)
-      if (c < chunks) {
+      if (q0 + u < q_end && c < chunks) {
         ra[u] = ld16_stream(wg + c * 8);
         rb[u] = ld16_stream(wu + c * 8);
       }
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t q = q0 + int64_t(u) * ksplit;
-      if (q >= quads) break;  // warp-uniform
+      const int64_t q = q0 + u;
+      if (q >= q_end) break;  // warp-uniform
       const int64_t c = q * 4 + t4;
       const bool in = c < chunks;
       float nwf[8];

@@ -101,21 +101,26 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   const int64_t chunks = p.K / 8, quads = (chunks + 3) / 4;
 
   float acc[kTT][4] = {};
-  for (int64_t q0 = kpart; q0 < quads; q0 += int64_t(ksplit) * kMmaUnroll) {
+  // Each warp takes one contiguous range of quad steps, so a round's kMmaUnroll
+  // steps read kMmaUnroll x 64 contiguous bytes of each row back to back (the
+  // ksplit warps' steps interleaved would read 64-byte pieces 256 bytes apart).
+  const int64_t per_warp = (quads + ksplit - 1) / ksplit;
+  const int64_t q_begin = kpart * per_warp, q_end = std::min(quads, q_begin + per_warp);
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kMmaUnroll) {
     uint4 ra[kMmaUnroll], rb[kMmaUnroll];
 #pragma unroll
     for (int u = 0; u < kMmaUnroll; ++u) {
-      const int64_t c = (q0 + int64_t(u) * ksplit) * 4 + t4;
+      const int64_t c = (q0 + u) * 4 + t4;
       ra[u] = rb[u] = make_uint4(0, 0, 0, 0);  // past K: zero weights (and zero x below)
-      if (c < chunks) {
+      if (q0 + u < q_end && c < chunks) {
         ra[u] = ld16_stream(wa + c * 8);
         rb[u] = ld16_stream(wb + c * 8);
       }
     }
 #pragma unroll
     for (int u = 0; u < kMmaUnroll; ++u) {
-      const int64_t q = q0 + int64_t(u) * ksplit;
-      if (q >= quads) break;  // warp-uniform
+      const int64_t q = q0 + u;
+      if (q >= q_end) break;  // warp-uniform
       const int64_t c = q * 4 + t4;
       const uint32_t a0[4] = {ra[u].x, rb[u].x, ra[u].y, rb[u].y};
       const uint32_t a1[4] = {ra[u].z, rb[u].z, ra[u].w, rb[u].w};
