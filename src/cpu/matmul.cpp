@@ -328,76 +328,94 @@ __attribute__((target("avx512vnni"))) inline __m512 VnniScales(const tk_int4_wei
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-template <int TB, int LEVELS>
+// Rows n .. n + R - 1 against tokens t0 .. t0 + TB - 1: out[r * kTokens + t].
+// Two rows at a time share every digit load and give the core two
+// independent dependency chains per token.
+template <int R, int TB, int LEVELS>
 __attribute__((target("avx512vnni"))) void VnniBlock(const tk_int4_weights& w, int64_t n,
                                                       const Int4Staged& s, int64_t t0, float* out) {
   const VnniStaged& a = *s.vnni;
   const int64_t half = s.half, groups = a.groups;
-  const uint8_t* q = w.packed + n * half;
   const int shift = w.group_size == 32 ? 2 : w.group_size == 64 ? 3 : 4;  // lane i holds k = 8i..8i+7
   const __m512i lane_group =
       _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
   const int64_t groups_per_chunk = 2 * kChunkBytes / w.group_size;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  __m512 acc[TB];
-  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  __m512 acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t c = 0; c < a.chunks; ++c) {
     const int64_t j0 = c * kChunkBytes, nb = std::min(kChunkBytes, half - j0);
     const __mmask64 m = nb == kChunkBytes ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, q + j0);
-    const __m512i lo = _mm512_and_si512(v, low4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const int64_t g0 = c * groups_per_chunk;
-    const __m512 ws = _mm512_permutexvar_ps(
-        lane_group, VnniScales(w, n * groups + g0, std::min(groups_per_chunk, groups - g0)));
+    const int64_t g0 = c * groups_per_chunk, ng = std::min(groups_per_chunk, groups - g0);
+    __m512i lo[R], hi[R];
+    __m512 ws[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, w.packed + (n + r) * half + j0);
+      lo[r] = _mm512_and_si512(v, low4);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      ws[r] = _mm512_permutexvar_ps(lane_group, VnniScales(w, (n + r) * groups + g0, ng));
+    }
     for (int t = 0; t < TB; ++t) {
       const int8_t* d = a.digits + (t0 + t) * LEVELS * 2 * a.half_pad + j0;
-      // One independent dot product per digit, then Horner: short dependency chains.
-      __m512i digit[LEVELS];
-      for (int l = 0; l < LEVELS; ++l) {
-        digit[l] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                       _mm512_loadu_si512(d + 2 * l * a.half_pad));
-        digit[l] = _mm512_dpbusd_epi32(digit[l], hi, _mm512_loadu_si512(d + (2 * l + 1) * a.half_pad));
-      }
-      __m512i acc_i = digit[0];
-      for (int l = 1; l < LEVELS; ++l)
-        acc_i = _mm512_add_epi32(_mm512_mullo_epi32(acc_i, _mm512_set1_epi32(254)), digit[l]);
       const __m512 ls = _mm512_loadu_ps(a.lane_scale + ((t0 + t) * a.chunks + c) * 16);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), _mm512_mul_ps(ls, ws), acc[t]);
+      for (int r = 0; r < R; ++r) {
+        // One independent dot product per digit, then Horner: short dependency chains.
+        __m512i digit[LEVELS];
+        for (int l = 0; l < LEVELS; ++l) {
+          digit[l] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r],
+                                         _mm512_loadu_si512(d + 2 * l * a.half_pad));
+          digit[l] = _mm512_dpbusd_epi32(digit[l], hi[r], _mm512_loadu_si512(d + (2 * l + 1) * a.half_pad));
+        }
+        __m512i acc_i = digit[0];
+        for (int l = 1; l < LEVELS; ++l)
+          acc_i = _mm512_add_epi32(_mm512_mullo_epi32(acc_i, _mm512_set1_epi32(254)), digit[l]);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), _mm512_mul_ps(ls, ws[r]), acc[r][t]);
+      }
     }
   }
   // Zero points: sum_g scale_g * zero_g * (sum of x over g), 16 groups at a time.
-  for (int t = 0; t < TB; ++t) {
-    __m512 z = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      const int64_t cnt = std::min<int64_t>(16, groups - g);
-      const __mmask16 m = __mmask16((1u << cnt) - 1u);
-      const __m512 zp = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                      _mm_maskz_loadu_epi8(m, w.zeros + n * groups + g)))
-                                : _mm512_set1_ps(8.0f);
-      const __m512 xs = _mm512_maskz_loadu_ps(m, a.gsum + (t0 + t) * groups + g);
-      z = _mm512_fmadd_ps(_mm512_mul_ps(VnniScales(w, n * groups + g, cnt), zp), xs, z);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) {
+      __m512 z = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const int64_t cnt = std::min<int64_t>(16, groups - g);
+        const __mmask16 m = __mmask16((1u << cnt) - 1u);
+        const int64_t gi = (n + r) * groups + g;
+        const __m512 zp = w.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w.zeros + gi)))
+                                  : _mm512_set1_ps(8.0f);
+        const __m512 xs = _mm512_maskz_loadu_ps(m, a.gsum + (t0 + t) * groups + g);
+        z = _mm512_fmadd_ps(_mm512_mul_ps(VnniScales(w, gi, cnt), zp), xs, z);
+      }
+      out[r * kTokens + t] = _mm512_reduce_add_ps(acc[r][t]) - _mm512_reduce_add_ps(z);
     }
-    out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(z);
+}
+
+template <int R, int LEVELS>
+void VnniTokens(const tk_int4_weights& w, int64_t n, const Int4Staged& a, int64_t t0, int tb, float* out) {
+  switch (tb) {
+    case 1: VnniBlock<R, 1, LEVELS>(w, n, a, t0, out); break;
+    case 2: VnniBlock<R, 2, LEVELS>(w, n, a, t0, out); break;
+    case 3: VnniBlock<R, 3, LEVELS>(w, n, a, t0, out); break;
+    case 4: VnniBlock<R, 4, LEVELS>(w, n, a, t0, out); break;
   }
 }
 
 template <int LEVELS>
 void VnniRows(const tk_int4_weights& w, int64_t n0, int64_t n1, const Int4Staged& a, float* tile,
               size_t ld) {
-  float out[kTokens];
+  float out[2 * kTokens];
   for (int64_t c0 = 0; c0 < a.T; c0 += kTokenChunk)
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; n += 2) {
+      const int rows = n + 1 < n1 ? 2 : 1;
       for (int64_t t0 = c0; t0 < std::min(a.T, c0 + kTokenChunk); t0 += kTokens) {
         const int tb = int(std::min<int64_t>(kTokens, a.T - t0));
-        switch (tb) {
-          case 1: VnniBlock<1, LEVELS>(w, n, a, t0, out); break;
-          case 2: VnniBlock<2, LEVELS>(w, n, a, t0, out); break;
-          case 3: VnniBlock<3, LEVELS>(w, n, a, t0, out); break;
-          case 4: VnniBlock<4, LEVELS>(w, n, a, t0, out); break;
-        }
-        for (int t = 0; t < tb; ++t) tile[size_t(t0 + t) * ld + size_t(n - n0)] = out[t];
+        if (rows == 2) VnniTokens<2, LEVELS>(w, n, a, t0, tb, out);
+        else VnniTokens<1, LEVELS>(w, n, a, t0, tb, out);
+        for (int r = 0; r < rows; ++r)
+          for (int t = 0; t < tb; ++t) tile[size_t(t0 + t) * ld + size_t(n + r - n0)] = out[r * kTokens + t];
       }
+    }
 }
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
