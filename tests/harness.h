@@ -261,7 +261,7 @@ class OpSuite : public ::testing::TestWithParam<CaseParam> {
 // Host backends run the reference in plain double loops: cases above this many
 // multiply-adds are registered for CUDA only, to keep the CPU suite fast (also
 // under ASan).
-constexpr double kHostCostLimit = 6e6;
+constexpr double kHostCostLimit = 3e7;
 std::vector<Case> cases_for(tk_backend backend, const std::vector<Case>& all);
 
 // Registers one op suite on every backend. Test names carry the backend first
