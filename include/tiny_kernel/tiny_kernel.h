@@ -229,7 +229,7 @@ TK_API tk_status tk_qmatmul_int4(tk_context* ctx, const tk_qmatmul_int4_params* 
 
 /* Host helper (host memory in and out): quantises W[N, K] (src_dtype, row
  * stride w_stride) into the layout above. symmetric != 0: scale = max|w| / 7,
- * zero point 8, zeros may be NULL. Otherwise scale = (max - min) / 15 and
+ * zero point 8, zeros may be NULL. Otherwise scale = (max(hi, 0) - min(lo, 0)) / 15 (the range always holds 0) and
  * zeros [N, K/group_size] is written. */
 TK_API tk_status tk_quantize_int4(tk_dtype src_dtype, const void* w, int64_t w_stride, int64_t N,
                                   int64_t K, int64_t group_size, int symmetric,

@@ -79,6 +79,10 @@ tk_status tk_quantize_int4(tk_dtype src_dtype, const void* w, int64_t w_stride, 
         hi = std::max(hi, v);
         amax = std::max(amax, std::fabs(v));
       }
+      // The zero point is a code in [0, 15], so the range must hold 0: a group
+      // of [1.0, 1.1] is quantised over [0, 1.1] rather than clamped to nonsense.
+      lo = std::min(lo, 0.0f);
+      hi = std::max(hi, 0.0f);
       float scale = symmetric ? amax / 7.0f : (hi - lo) / 15.0f;
       // Quantise with the scale as stored, so that dequantisation matches exactly.
       scale = tk::round_to(scale_dtype, scale);
