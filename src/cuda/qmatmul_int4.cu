@@ -94,18 +94,18 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
              32 * t4 * int64_t(sizeof(Ta));
 
   float acc[kTT][4] = {};
-  // One contiguous range of groups per warp: a round reads kSteps x 64
-  // contiguous bytes of each row.
-  const int64_t per_warp = (ngroups + ksplit - 1) / ksplit;
-  const int64_t g_begin = kpart * per_warp, g_end = std::min(ngroups, g_begin + per_warp);
-  for (int64_t s0 = g_begin; s0 < g_end; s0 += kSteps) {
+  // Warps interleave groups (warp kpart takes kpart, kpart + ksplit, ...), so
+  // the block's warps read a row's consecutive 64-byte groups together. One
+  // contiguous range per warp (as the dense mma kernels do) measured slower
+  // here on the H100: 26.5 vs 23.8 us at T = 1, 32.4 vs 30.5 at T = 8.
+  for (int64_t s0 = kpart; s0 < ngroups; s0 += int64_t(ksplit) * kSteps) {
     uint4 wa[kSteps], wb[kSteps];
     float sca[kSteps], scb[kSteps];
     uint32_t zza[kSteps], zzb[kSteps];
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
-      const int64_t gi = s0 + u;
-      if (gi < g_end) {
+      const int64_t gi = s0 + int64_t(u) * ksplit;
+      if (gi < ngroups) {
         wa[u] = ld16_stream(qa + gi * 64);
         wb[u] = ld16_stream(qb + gi * 64);
         sca[u] = qmma_scale(sa, gi, bf16s);
@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
     }
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
-      const int64_t gi = s0 + u;
-      if (gi >= g_end) break;
+      const int64_t gi = s0 + int64_t(u) * ksplit;
+      if (gi >= ngroups) break;
       uint32_t a[8][4];
       const uint32_t wra[4] = {wa[u].x, wa[u].y, wa[u].z, wa[u].w};
       const uint32_t wrb[4] = {wb[u].x, wb[u].y, wb[u].z, wb[u].w};
