@@ -57,7 +57,7 @@ struct Unit {
   int64_t* visible; // [rows] keys [0, visible) of the sequence are visible
   float* kf;        // [kKeyBlock][heads][dp]
   float* vf;        // [kKeyBlock][heads][dp]
-  float* s;         // [kKeyBlock] scores
+  float* s;         // [4][kKeyBlock] scores of a row group
 };
 
 Unit MakeUnit(int64_t rows, int64_t dh, int64_t heads = 1) {
@@ -67,7 +67,7 @@ Unit MakeUnit(int64_t rows, int64_t dh, int64_t heads = 1) {
   u.heads = heads;
   u.rows_per_head = rows / heads;
   const size_t r = size_t(rows), kb = size_t(kKeyBlock), hd = size_t(heads) * u.dp;
-  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * hd + kb);
+  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * hd + 4 * kb);
   u.q = f;
   u.o = u.q + r * u.dp;
   u.m = u.o + r * u.dp;
@@ -95,6 +95,72 @@ void StageQuery(Unit& u, int64_t i, const T* q, int64_t dh, float scale) {
   for (size_t c = 0; c < u.dp; c += hn::Lanes(d)) hn::StoreU(hn::Mul(hn::LoadU(d, dst + c), sv), d, dst + c);
 }
 
+constexpr int64_t kRowGroup = 4;
+
+// Query rows r0 .. r0 + RG - 1 (one KV head) against the staged key block
+// [j0, j0 + nk): one online-softmax step.
+template <int RG>
+HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk) {
+  const DF d;
+  const size_t N = hn::Lanes(d), dp = u.dp, hd = size_t(u.heads) * dp;
+  int64_t lim[RG], max_lim = 0;
+  for (int i = 0; i < RG; ++i) {
+    lim[i] = std::clamp<int64_t>(u.visible[r0 + i] - j0, 0, nk);
+    max_lim = std::max(max_lim, lim[i]);
+  }
+  if (max_lim == 0) return;
+  const float* kh = u.kf + size_t(r0 / u.rows_per_head) * dp;
+  const float* vh = u.vf + size_t(r0 / u.rows_per_head) * dp;
+  const float* q = u.q + size_t(r0) * dp;
+  float* s = u.s;  // [RG][kKeyBlock]
+  for (int64_t j = 0; j < max_lim; ++j) {
+    const float* k = kh + size_t(j) * hd;
+    VF acc[RG];
+    for (int i = 0; i < RG; ++i) acc[i] = hn::Zero(d);
+    for (size_t c = 0; c < dp; c += N) {
+      const VF kv = hn::LoadU(d, k + c);
+      for (int i = 0; i < RG; ++i) acc[i] = hn::MulAdd(hn::LoadU(d, q + size_t(i) * dp + c), kv, acc[i]);
+    }
+    for (int i = 0; i < RG; ++i) s[i * kKeyBlock + j] = ReduceSum(d, acc[i]);
+  }
+  float alpha[RG];
+  for (int i = 0; i < RG; ++i) {
+    const int64_t r = r0 + i;
+    float* si = s + i * kKeyBlock;
+    if (lim[i] == 0) {  // no key of this block is visible to the row: it keeps its state
+      alpha[i] = 1.0f;
+      for (int64_t j = 0; j < max_lim; ++j) si[j] = 0.0f;
+      continue;
+    }
+    float bm = kNegInf;
+    for (int64_t j = 0; j < lim[i]; ++j) bm = std::max(bm, si[j]);
+    const float m_new = std::max(u.m[r], bm);
+    alpha[i] = u.m[r] == kNegInf ? 0.0f : std::exp(u.m[r] - m_new);
+    // p_j = e^(s_j - m_new); keys past the row's limit get exact zeros.
+    const VF mv = hn::Set(d, m_new);
+    VF psum = hn::Zero(d);
+    for (int64_t j = 0; j < max_lim; j += int64_t(N)) {
+      const int64_t valid = std::clamp<int64_t>(lim[i] - j, 0, int64_t(N));
+      VF p = ExpClamped(d, hn::Sub(hn::LoadU(d, si + j), mv));
+      p = hn::IfThenElseZero(hn::FirstN(d, size_t(valid)), p);
+      hn::StoreU(p, d, si + j);
+      psum = hn::Add(psum, p);
+    }
+    u.l[r] = u.l[r] * alpha[i] + ReduceSum(d, psum);
+    u.m[r] = m_new;
+  }
+  float* o = u.o + size_t(r0) * dp;
+  for (size_t c = 0; c < dp; c += N) {
+    VF acc[RG];
+    for (int i = 0; i < RG; ++i) acc[i] = hn::Mul(hn::LoadU(d, o + size_t(i) * dp + c), hn::Set(d, alpha[i]));
+    for (int64_t j = 0; j < max_lim; ++j) {
+      const VF v = hn::LoadU(d, vh + size_t(j) * hd + c);
+      for (int i = 0; i < RG; ++i) acc[i] = hn::MulAdd(hn::Set(d, s[i * kKeyBlock + j]), v, acc[i]);
+    }
+    for (int i = 0; i < RG; ++i) hn::StoreU(acc[i], d, o + size_t(i) * dp + c);
+  }
+}
+
 // Keys [j0, j0 + nk) of the sequence (row pointers from kv(j)) against every
 // query row: one online-softmax step.
 // Rows [j0, j1) of the cache are requested ahead of use. A unit reads one KV
@@ -117,8 +183,7 @@ void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, const KV& kv) {
 
 template <class T, class KV>
 void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
-  const DF d;
-  const size_t N = hn::Lanes(d), dp = u.dp;
+  const size_t dp = u.dp;
   const size_t hd = size_t(u.heads) * dp;
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t h = 0; h < u.heads; ++h) {
@@ -131,47 +196,18 @@ void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
       RowToF32(vrow, vd, size_t(dh));
       for (size_t c = size_t(dh); c < dp; ++c) kd[c] = vd[c] = 0.0f;
     }
-  for (int64_t r = 0; r < u.rows; ++r) {
-    const int64_t lim = std::min(nk, u.visible[r] - j0);
-    if (lim <= 0) continue;
-    const float* q = u.q + size_t(r) * dp;
-    const float* kh = u.kf + size_t(r / u.rows_per_head) * dp;
-    const float* vh = u.vf + size_t(r / u.rows_per_head) * dp;
-    float bm = kNegInf;
-    for (int64_t j = 0; j < lim; ++j) {
-      const float* k = kh + size_t(j) * hd;
-      VF acc0 = hn::Zero(d), acc1 = hn::Zero(d);
-      size_t c = 0;
-      for (; c + 2 * N <= dp; c += 2 * N) {
-        acc0 = hn::MulAdd(hn::LoadU(d, q + c), hn::LoadU(d, k + c), acc0);
-        acc1 = hn::MulAdd(hn::LoadU(d, q + c + N), hn::LoadU(d, k + c + N), acc1);
-      }
-      if (c < dp) acc0 = hn::MulAdd(hn::LoadU(d, q + c), hn::LoadU(d, k + c), acc0);
-      u.s[j] = ReduceSum(d, hn::Add(acc0, acc1));
-      bm = std::max(bm, u.s[j]);
+  // Query rows in groups of up to kRowGroup that share a KV head: each key and
+  // value vector is loaded once for the whole group.
+  for (int64_t r = 0; r < u.rows;) {
+    const int64_t in_head = u.rows_per_head - r % u.rows_per_head;
+    const int rg = int(std::min<int64_t>({kRowGroup, u.rows - r, in_head}));
+    switch (rg) {
+      case 1: AttendRows<1>(u, r, j0, nk); break;
+      case 2: AttendRows<2>(u, r, j0, nk); break;
+      case 3: AttendRows<3>(u, r, j0, nk); break;
+      default: AttendRows<4>(u, r, j0, nk); break;
     }
-    const float m_new = std::max(u.m[r], bm);
-    const float alpha = u.m[r] == kNegInf ? 0.0f : std::exp(u.m[r] - m_new);
-    // p_j = e^(s_j - m_new); lanes past lim are masked to exact zeros.
-    const VF mv = hn::Set(d, m_new);
-    VF psum = hn::Zero(d);
-    for (int64_t j = 0; j < lim; j += int64_t(N)) {
-      const size_t n = size_t(std::min<int64_t>(int64_t(N), lim - j));
-      VF p = ExpClamped(d, hn::Sub(hn::LoadU(d, u.s + j), mv));
-      p = hn::IfThenElseZero(hn::FirstN(d, n), p);
-      hn::StoreU(p, d, u.s + j);
-      psum = hn::Add(psum, p);
-    }
-    u.l[r] = u.l[r] * alpha + ReduceSum(d, psum);
-    u.m[r] = m_new;
-    float* o = u.o + size_t(r) * dp;
-    const VF av = hn::Set(d, alpha);
-    for (size_t c = 0; c < dp; c += N) {
-      VF acc = hn::Mul(hn::LoadU(d, o + c), av);
-      for (int64_t j = 0; j < lim; ++j)
-        acc = hn::MulAdd(hn::Set(d, u.s[j]), hn::LoadU(d, vh + size_t(j) * hd + c), acc);
-      hn::StoreU(acc, d, o + c);
-    }
+    r += rg;
   }
 }
 
