@@ -267,6 +267,9 @@ struct VnniStaged {
 };
 
 constexpr int64_t kChunkBytes = 64;  // packed bytes per vector: 128 weights
+// Software prefetch distance: 4 KB ahead in the packed stream (two rows of
+// K = 4096) measured best on Zen 4; 16 KB ahead was slower.
+constexpr int64_t kPrefetchBytes = 4096;
 
 Int4Staged StageInt4Vnni(const Staged& a, int64_t K, int64_t group, ScratchSlot slot,
                          int levels) {
@@ -351,6 +354,9 @@ __attribute__((target("avx512vnni"))) void VnniBlock(const tk_int4_weights& w, i
     __m512i lo[R], hi[R];
     __m512 ws[R];
     for (int r = 0; r < R; ++r) {
+      // The rows after this block, requested early: the loop does enough work
+      // per byte that the hardware prefetcher alone falls behind.
+      _mm_prefetch(reinterpret_cast<const char*>(w.packed + (n + r) * half + j0 + kPrefetchBytes), _MM_HINT_T0);
       const __m512i v = _mm512_maskz_loadu_epi8(m, w.packed + (n + r) * half + j0);
       lo[r] = _mm512_and_si512(v, low4);
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
