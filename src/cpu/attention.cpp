@@ -167,9 +167,11 @@ HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk) {
 // head: 256 bytes per token, 2 KB apart in a [token, head, dim] cache, which
 // the hardware prefetchers (trained within 4 KB pages) do not follow; without
 // this the reads wait on DRAM one row at a time.
+// `heads` KV heads of a token are contiguous in the cache (paged layout), so
+// one range covers them.
 template <class T, class KV>
-void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, const KV& kv) {
-  const size_t bytes = size_t(dh) * sizeof(T);
+void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, int64_t heads, const KV& kv) {
+  const size_t bytes = size_t(dh * heads) * sizeof(T);
   for (int64_t j = j0; j < j1; ++j) {
     const T* krow;
     const T* vrow;
@@ -216,9 +218,9 @@ template <class T, class KV>
 void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv) {
   const int64_t block = KeyBlock(size_t(u.heads) * u.dp);
   // Two blocks in flight: the next one is requested while this one is used.
-  PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, kv);
+  PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, u.heads, kv);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += block) {
-    PrefetchRows<T>(std::min(j_end, j0 + block), std::min(j_end, j0 + 2 * block), dh, kv);
+    PrefetchRows<T>(std::min(j_end, j0 + block), std::min(j_end, j0 + 2 * block), dh, u.heads, kv);
     AttendBlock<T>(u, j0, std::min(block, j_end - j0), dh, kv);
   }
 }
