@@ -30,7 +30,8 @@ constexpr int64_t kParallelBytes = int64_t(256) << 10;
 // How many tasks to cut `units` independent pieces of work into: one when the
 // op is small, else a few per thread so uneven pieces balance.
 inline int64_t task_count(const ThreadPool& pool, int64_t units, int64_t bytes) {
-  if (units <= 1 || bytes < kParallelBytes || pool.size() == 1) return std::max<int64_t>(units, 0) > 0 ? 1 : 0;
+  if (units <= 0) return 0;
+  if (units == 1 || bytes < kParallelBytes || pool.size() == 1) return 1;
   return std::min<int64_t>(units, int64_t(pool.size()) * 4);
 }
 
