@@ -199,6 +199,8 @@ cudaDataType_t blas_type(tk_dtype d) {
   return d == TK_F32 ? CUDA_R_32F : d == TK_F16 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
+constexpr uint32_t kNoReduction = CUBLASLT_REDUCTION_SCHEME_NONE;
+
 bool set_alignment(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr,
                    const void* ptr) {
   const uint32_t a = alignment_of(ptr);
@@ -230,7 +232,12 @@ bool try_blas(const tk_matmul_params& p, const Launch& l, tk_status* status) {
       set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.w) &&
       set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.x) &&
       set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.y) &&
-      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y)) {
+      set_alignment(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.y) &&
+      // No split-K: its reductions are the only hazards compute-sanitizer's
+      // racecheck reported over our tests, and T >= 64 x N has tiles enough.
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                           &kNoReduction, sizeof kNoReduction) ==
+          CUBLAS_STATUS_SUCCESS) {
     cublasLtMatmulHeuristicResult_t heur{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(l.blas, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
