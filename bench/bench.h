@@ -36,6 +36,10 @@ struct TimingOptions {
   // Wait for the device before each repeat, so that host-side launch cost is
   // part of the time (graph vs eager launches); otherwise it hides behind the flush.
   bool sync_each = false;
+  // GPU: flush L2 with a memset (Triton do_bench's way, which issue 3's and 4's
+  // anchors used) instead of a read pass. A memset leaves L2 full of dirty
+  // lines that are written back inside the timed kernel: ~10 us on an H100.
+  bool memset_flush = false;
 };
 
 // What the machine can do, measured in the same run as the kernels.

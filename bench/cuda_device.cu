@@ -204,7 +204,10 @@ class CudaDevice final : public Device {
     const int reps = std::clamp(int(opt.budget_s / (est_ms * 1e-3 + flush_s_ + 5e-6)),
                                 opt.min_reps, opt.max_reps);
     for (int r = 0; r < reps; ++r) {
-      flush_l2();
+      if (opt.memset_flush)
+        cudaMemsetAsync(flush_, r & 0xff, flush_bytes_, stream_);
+      else
+        flush_l2();
       if (opt.sync_each) cudaStreamSynchronize(stream_);
       cudaEventRecord(start_[size_t(r)], stream_);
       st = op();
