@@ -5,6 +5,7 @@
 #
 #   tools/gpu_check.sh [all|test|sanitize|bench] [gtest filter] [bench filter]
 #
+# TK_BENCH_ARGS adds bench options (e.g. "--flush memset"), TK_BENCH_TAG suffixes its files.
 # Run from the device tool with carry [".deps"] after tools/fetch_gpu_deps.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,8 @@ if [[ $MODE == all || $MODE == sanitize ]]; then
   run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 $T --gtest_filter="$FILTER" --gtest_brief=1
 fi
 if [[ $MODE == all || $MODE == bench ]]; then
-  $B bench --backend cuda ${BENCH_FILTER:+--filter "$BENCH_FILTER"} --json "$OUT/bench.json" > "$OUT/bench.txt" 2> "$OUT/bench.err"
-  echo "bench rc=$?"; cat "$OUT/bench.txt"
+  $B bench --backend cuda ${BENCH_FILTER:+--filter "$BENCH_FILTER"} ${TK_BENCH_ARGS:-} --json "$OUT/bench${TK_BENCH_TAG:-}.json" > "$OUT/bench${TK_BENCH_TAG:-}.txt" 2> "$OUT/bench${TK_BENCH_TAG:-}.err"
+  echo "bench rc=$?"; cat "$OUT/bench${TK_BENCH_TAG:-}.txt"
 fi
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
