@@ -57,26 +57,76 @@ tk_status launch_tiles(const tk_qmatmul_int4_params& p, const Launch& l) {
 
 // ---- tensor-core path ----------------------------------------------------
 // A warp owns 16 weight rows and kTT tiles of 8 tokens; the ksplit warps of a
-// row tile split the K groups and add up through shared memory. kSteps
-// groups' weight loads (2 x 16 bytes each per lane) are issued before the
-// first is used. Two steps and <= 80 registers (6 blocks per SM) rather than
-// more steps and fewer blocks: N = 14336 is 896 blocks of 16 rows, one wave at
-// 6-7 blocks per SM, and 6 x 128 x 4 loads of 16 bytes in flight per SM are
-// about three times what Little's law asks of HBM.
+// row tile split the K groups and add up through shared memory. A round
+// issues kSteps groups' weight loads (2 x 16 bytes each per lane) before the
+// first is used.
+//   kTT = 1 (T <= 8, decode): 8 warps of 4 steps, <= 80 registers, 3 blocks
+//   per SM. For K = 4096 (32 groups) each warp's share is one round, so a
+//   block lives for one HBM round trip plus the dequantisation of 4 groups,
+//   and the grid (896 blocks for N = 14336) is 2.3 waves of such short
+//   blocks: 24 warps x 4 KB in flight per SM, about three times what
+//   Little's law asks of HBM. The previous shape (4 warps of 2 steps, 6
+//   blocks per SM) made each warp wait out 4 round trips back to back, and
+//   its 896 blocks were 1.1 waves on 132 SMs: 22.6 us on the H100 (f16).
+//   kTT = 4: 4 warps of 2 steps, 3 blocks per SM (168 registers).
+// c[tt] = the 16 x 8 mma products of one group (128 k) of the lane's rows
+// g, g + 8 (16 bytes of codes each, zero codes za, zb) with tokens tile tt,
+// without the scale. xoff: the group's byte offset in an x row. Word w of the
+// lane's 16 bytes is the A operand of mmas 2w, 2w + 1, whose B fragments come
+// from the w-th 16 bytes of x (qmma_b_frag): one word at a time keeps few
+// operands live.
+template <class Ta, int kTT>
+__device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
+                                           const char* const (&xr)[kTT], int64_t xoff,
+                                           float (&c)[kTT][4]) {
+  const QZero zqa = qmma_zero<Ta>(za), zqb = qmma_zero<Ta>(zb);
+  const uint32_t wra[4] = {wa.x, wa.y, wa.z, wa.w};
+  const uint32_t wrb[4] = {wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t pa[4], pb[4];
+    qmma_dequant_word<Ta>(wra[w], zqa, pa);
+    qmma_dequant_word<Ta>(wrb[w], zqb, pb);
+#pragma unroll
+    for (int tt = 0; tt < kTT; ++tt) {
+      const uint4 v = ld16(xr[tt] + xoff + 16 * w);
+      const uint32_t X[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {pa[2 * h],       // row g,     slots 2t4, 2t4 + 1
+                               pb[2 * h],       // row g + 8
+                               pa[2 * h + 1],   // row g,     slots 2t4 + 8, 2t4 + 9
+                               pb[2 * h + 1]};  // row g + 8
+        uint32_t b0, b1;
+        qmma_b_frag(X[h], X[h + 2], b0, b1);
+        QmmaType<Ta>::mma(c[tt], a, b0, b1);
+      }
+    }
+  }
+}
+
 template <int kTT>
-constexpr int qmma_steps() { return 2; }
+struct QmmaShape {
+  static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3;
+};
+template <>
+struct QmmaShape<1> {
+  static constexpr int kWarps = 8, kSteps = 4, kMinBlocks = 2;
+};
 
 template <class Ta, int kTT>
-__global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
-    qmma_kernel(tk_qmatmul_int4_params p, int64_t t_tiles, int ksplit) {
-  using Q = QmmaType<Ta>;
-  constexpr int kSteps = qmma_steps<kTT>();
-  __shared__ float red[kMvWarps][kTT * 4][32];
+__global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::kMinBlocks)
+    qmma_kernel(tk_qmatmul_int4_params p, unsigned t_tiles, int ksplit_log2) {
+  constexpr int kWarps = QmmaShape<kTT>::kWarps, kSteps = QmmaShape<kTT>::kSteps;
+  __shared__ float red[kWarps][kTT * 4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  const int64_t tile = blockIdx.x % t_tiles, row_block = blockIdx.x / t_tiles;
-  const int kpart = warp % ksplit;
-  const int64_t n0 = (row_block * (kMvWarps / ksplit) + warp / ksplit) * 16;
-  const int64_t N = p.w.N, K = p.w.K, ngroups = K / 128;
+  // kTT = 1 is launched for T <= 8: one token tile.
+  const unsigned tile = kTT == 1 ? 0u : blockIdx.x % t_tiles;
+  const unsigned row_block = kTT == 1 ? blockIdx.x : blockIdx.x / t_tiles;
+  const int ksplit = 1 << ksplit_log2, kpart = warp & (ksplit - 1);
+  const int64_t n0 = (int64_t(row_block) * (kWarps >> ksplit_log2) + (warp >> ksplit_log2)) * 16;
+  const int64_t N = p.w.N, K = p.w.K;
+  const int ngroups = int(K / 128);  // a row of 2^31 groups would be 128 GB
   const int64_t ra = std::min<int64_t>(n0 + g, N - 1), rb = std::min<int64_t>(n0 + g + 8, N - 1);
   const uint8_t* qa = p.w.packed + ra * (K / 2) + 16 * t4;
   const uint8_t* qb = p.w.packed + rb * (K / 2) + 16 * t4;
@@ -85,7 +135,7 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   const uint8_t* za = p.w.zeros ? p.w.zeros + ra * ngroups : nullptr;
   const uint8_t* zb = p.w.zeros ? p.w.zeros + rb * ngroups : nullptr;
   const bool bf16s = p.w.scale_dtype == TK_BF16;
-  const int64_t t0 = tile * kTT * 8;
+  const int64_t t0 = int64_t(tile) * kTT * 8;
   const char* xr[kTT];  // token t0 + 8 tt + g (rows past T repeat the last; results dropped)
 #pragma unroll
   for (int tt = 0; tt < kTT; ++tt)
@@ -98,61 +148,46 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   // the block's warps read a row's consecutive 64-byte groups together. One
   // contiguous range per warp (as the dense mma kernels do) measured slower
   // here on the H100: 26.5 vs 23.8 us at T = 1, 32.4 vs 30.5 at T = 8.
-  for (int64_t s0 = kpart; s0 < ngroups; s0 += int64_t(ksplit) * kSteps) {
+  // Loads of groups past the end (a warp's last round only) are clamped to the
+  // last group, so the loads have no branches between them; a full round's
+  // groups are dequantised with none either (the compiler interleaves their
+  // mma chains), a partial round's skip the missing groups.
+  for (int s0 = kpart; s0 < ngroups; s0 += ksplit * kSteps) {
     uint4 wa[kSteps], wb[kSteps];
-    float sca[kSteps], scb[kSteps];
-    uint32_t zza[kSteps], zzb[kSteps];
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
-      const int64_t gi = s0 + int64_t(u) * ksplit;
-      if (gi < ngroups) {
-        wa[u] = ld16_stream(qa + gi * 64);
-        wb[u] = ld16_stream(qb + gi * 64);
-        sca[u] = qmma_scale(sa, gi, bf16s);
-        scb[u] = qmma_scale(sb, gi, bf16s);
-        const uint32_t z0 = Q::kBias | (za ? za[gi] : 8u), z1 = Q::kBias | (zb ? zb[gi] : 8u);
-        zza[u] = z0 | z0 << 16;
-        zzb[u] = z1 | z1 << 16;
-      }
+      const int gi = std::min(s0 + u * ksplit, ngroups - 1);
+      wa[u] = ld16_stream(qa + int64_t(gi) * 64);
+      wb[u] = ld16_stream(qb + int64_t(gi) * 64);
     }
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      const int64_t gi = s0 + int64_t(u) * ksplit;
-      if (gi >= ngroups) break;
-      uint32_t a[8][4];
-      const uint32_t wra[4] = {wa[u].x, wa[u].y, wa[u].z, wa[u].w};
-      const uint32_t wrb[4] = {wb[u].x, wb[u].y, wb[u].z, wb[u].w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        uint32_t pa[4], pb[4];
-        qmma_dequant_word<Ta>(wra[w], zza[u], pa);
-        qmma_dequant_word<Ta>(wrb[w], zzb[u], pb);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          a[2 * w + h][0] = pa[2 * h];      // row g,     slots 2t4, 2t4 + 1
-          a[2 * w + h][1] = pb[2 * h];      // row g + 8
-          a[2 * w + h][2] = pa[2 * h + 1];  // row g,     slots 2t4 + 8, 2t4 + 9
-          a[2 * w + h][3] = pb[2 * h + 1];  // row g + 8
-        }
-      }
+    // The 4 lanes of a row pair (same g) need the same scales and zero codes:
+    // lane t4 loads those of group t4 % kSteps, the others come by shuffle
+    // (4 loads and 2 registers per lane a round instead of 4 kSteps of each).
+    const int gm = std::min(s0 + (t4 % kSteps) * ksplit, ngroups - 1);
+    const uint32_t scales = uint32_t(sa[gm]) | uint32_t(sb[gm]) << 16;  // raw bits, rows g | g + 8
+    const uint32_t zeros = za ? uint32_t(za[gm]) | uint32_t(zb[gm]) << 16 : 0x00080008u;
+    const auto group = [&](int u) {
+      const int gi = s0 + u * ksplit;
+      const int src = (lane & ~3) | u;
+      const uint32_t sc = __shfl_sync(0xffffffffu, scales, src), zc = __shfl_sync(0xffffffffu, zeros, src);
+      float c[kTT][4] = {};
+      qmma_group<Ta, kTT>(wa[u], wb[u], zc & 0xFFFFu, zc >> 16, xr, int64_t(gi) * 128 * int64_t(sizeof(Ta)), c);
+      const float fa = qmma_scale(uint16_t(sc), bf16s), fb = qmma_scale(uint16_t(sc >> 16), bf16s);
 #pragma unroll
       for (int tt = 0; tt < kTT; ++tt) {
-        uint32_t X[16];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint4 v = ld16(xr[tt] + gi * 128 * int64_t(sizeof(Ta)) + 16 * i);
-          X[4 * i] = v.x; X[4 * i + 1] = v.y; X[4 * i + 2] = v.z; X[4 * i + 3] = v.w;
-        }
-        uint32_t b[8][2];
-        qmma_b_frags(X, b);
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) Q::mma(c, a[j], b[j][0], b[j][1]);
-        acc[tt][0] = fmaf(sca[u], c[0], acc[tt][0]);
-        acc[tt][1] = fmaf(sca[u], c[1], acc[tt][1]);
-        acc[tt][2] = fmaf(scb[u], c[2], acc[tt][2]);
-        acc[tt][3] = fmaf(scb[u], c[3], acc[tt][3]);
+        acc[tt][0] = fmaf(fa, c[tt][0], acc[tt][0]);
+        acc[tt][1] = fmaf(fa, c[tt][1], acc[tt][1]);
+        acc[tt][2] = fmaf(fb, c[tt][2], acc[tt][2]);
+        acc[tt][3] = fmaf(fb, c[tt][3], acc[tt][3]);
       }
+    };
+    if (kTT == 1 && s0 + (kSteps - 1) * ksplit < ngroups) {  // kTT > 1: registers for one group at a time
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) group(u);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u)
+        if (s0 + u * ksplit < ngroups) group(u);
     }
   }
   if (ksplit > 1) {  // uniform per block
@@ -181,17 +216,18 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
 
 template <class Ta, int kTT>
 tk_status launch_qmma(const tk_qmatmul_int4_params& p, const Launch& l) {
+  constexpr int kWarps = QmmaShape<kTT>::kWarps, kSteps = QmmaShape<kTT>::kSteps;
   const int64_t t_tiles = (p.T + kTT * 8 - 1) / (kTT * 8);
   const int64_t ngroups = p.w.K / 128;
-  int ksplit = 1;  // each warp keeps at least two groups
-  while (ksplit < kMvWarps && ngroups >= int64_t(4) * ksplit) ksplit *= 2;
-  const int64_t tiles_per_block = kMvWarps / ksplit;
+  int ksplit = 1, ksplit_log2 = 0;  // each warp keeps at least kSteps groups
+  while (ksplit < kWarps && ngroups >= int64_t(2) * kSteps * ksplit) ksplit *= 2, ++ksplit_log2;
+  const int64_t tiles_per_block = kWarps / ksplit;
   const int64_t row_tiles = (p.w.N + 15) / 16;
   const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block * t_tiles;
   if (blocks >= (int64_t(1) << 31))
     return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: T = %lld x N = %lld is too large for one launch",
                 (long long)p.T, (long long)p.w.N);
-  qmma_kernel<Ta, kTT><<<unsigned(blocks), kMvWarps * 32, 0, l.stream>>>(p, t_tiles, ksplit);
+  qmma_kernel<Ta, kTT><<<unsigned(blocks), kWarps * 32, 0, l.stream>>>(p, unsigned(t_tiles), ksplit_log2);
   return check_launch("qmatmul_int4");
 }
 

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/vec.cuh"
 
@@ -65,30 +66,66 @@ struct QmmaType<__nv_bfloat16> {
   }
 };
 
-// Word w of a 16-byte chunk -> 4 pairs (codes i, i + 4) - zero, i = 0..3, as
-// packed f16/bf16 pairs. zz: (bias + zero) in both halves.
+// The subtrahends of one group's dequantisation, from its zero code z.
+//   zz: (bias + z) in both halves (codes OR-ed into the magic, minus zz: q - z).
+//   zm (f16 only): -(64 + z) in both halves, for codes left 4 bits up in the
+//   mantissa: (1024 + 16 q) / 16 - (64 + z) = q - z, one exact HFMA2.
+struct QZero {
+  uint32_t zz, zm;
+};
 template <class Ta>
-__device__ __forceinline__ void qmma_dequant_word(uint32_t word, uint32_t zz, uint32_t (&out)[4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    out[i] = QmmaType<Ta>::sub2(((word >> (4 * i)) & 0x000F000Fu) | QmmaType<Ta>::kMagic, zz);
+__device__ __forceinline__ QZero qmma_zero(uint32_t z) {
+  const uint32_t b = QmmaType<Ta>::kBias | z;
+  const uint32_t m = 0xD400u | z << 4;  // f16 -64 - z: exponent of 64, ulp 1/16
+  return QZero{b | b << 16, m | m << 16};
 }
 
-// B fragments of one token for one lane's 32 k (X: the 32 activations as 16
-// packed pairs, X[m] = x[2m], x[2m + 1]): mma j = 2w + h gets
-// b0 = (x[8w + 2h], x[8w + 2h + 4]), b1 = (x[8w + 2h + 1], x[8w + 2h + 5]).
-__device__ __forceinline__ void qmma_b_frags(const uint32_t (&X)[16], uint32_t (&b)[8][2]) {
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int w = j / 2, h = j % 2;
-    const uint32_t xa = X[4 * w + h], xb = X[4 * w + h + 2];
-    b[j][0] = __byte_perm(xa, xb, 0x5410);
-    b[j][1] = __byte_perm(xa, xb, 0x7632);
+// (a & kMask) | kOr as one LOP3: written in C++, the two immediates make the
+// compiler emit an AND and an OR (a LOP3 takes one immediate operand).
+template <uint32_t kMask, uint32_t kOr>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(kMask), "n"(kOr));
+  return r;
+}
+
+// Word w of a 16-byte chunk -> 4 pairs (codes i, i + 4) - zero, i = 0..3, as
+// packed f16/bf16 pairs. f16: nibbles 1 and 5 (3 and 7 after one shift by 8)
+// are masked in place, 16 times their value, and scaled back by the HFMA2
+// that subtracts the zero: one shift per word instead of three. bf16 (7
+// mantissa bits) has no room for a code 4 bits up, so it shifts each pair down.
+template <class Ta>
+__device__ __forceinline__ void qmma_dequant_word(uint32_t word, const QZero& z, uint32_t (&out)[4]) {
+  using Q = QmmaType<Ta>;
+  if constexpr (std::is_same_v<Ta, __half>) {
+    const uint32_t hi = word >> 8;
+    const __half2 sixteenth = __half2half2(__ushort_as_half(0x2C00u));  // 1/16
+    const __half2 zm = *reinterpret_cast<const __half2*>(&z.zm);
+    const uint32_t l1 = and_or<0x00F000F0u, Q::kMagic>(word), l3 = and_or<0x00F000F0u, Q::kMagic>(hi);
+    const __half2 r1 = __hfma2(*reinterpret_cast<const __half2*>(&l1), sixteenth, zm);
+    const __half2 r3 = __hfma2(*reinterpret_cast<const __half2*>(&l3), sixteenth, zm);
+    out[0] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(word), z.zz);
+    out[1] = *reinterpret_cast<const uint32_t*>(&r1);
+    out[2] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(hi), z.zz);
+    out[3] = *reinterpret_cast<const uint32_t*>(&r3);
+  } else {
+    out[0] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(word), z.zz);
+    out[1] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(word >> 4), z.zz);
+    out[2] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(word >> 8), z.zz);
+    out[3] = Q::sub2(and_or<0x000F000Fu, Q::kMagic>(word >> 12), z.zz);
   }
 }
 
-__device__ __forceinline__ float qmma_scale(const uint16_t* s, int64_t i, bool bf16) {
-  const uint16_t b = s[i];
+// B fragments of one token for mmas 2w + h, h = 0, 1 (lane's k 8w .. 8w + 7;
+// x0 = X[4w + h] = (x[8w + 2h], x[8w + 2h + 1]), x2 = X[4w + h + 2]):
+// b0 = (x[8w + 2h], x[8w + 2h + 4]), b1 = (x[8w + 2h + 1], x[8w + 2h + 5]),
+// the pairing of qmma_dequant_word.
+__device__ __forceinline__ void qmma_b_frag(uint32_t x0, uint32_t x2, uint32_t& b0, uint32_t& b1) {
+  b0 = __byte_perm(x0, x2, 0x5410);
+  b1 = __byte_perm(x0, x2, 0x7632);
+}
+
+__device__ __forceinline__ float qmma_scale(uint16_t b, bool bf16) {
   return bf16 ? __uint_as_float(uint32_t(b) << 16) : __half2float(__ushort_as_half(b));
 }
 
