@@ -3,8 +3,9 @@
 //
 // A unit of work is a tile of query tokens against a range of keys, for one
 // or more KV heads with the query rows of all the q heads that share them
-// (GQA): every key/value row is converted to f32 once per unit and used by
-// all of those query rows. Flash attention takes one KV head per unit; paged
+// (GQA). Where a KV head has many query rows (prefill tiles), every key/value
+// row is converted to f32 once per unit and used by all of them; where it has
+// few (decode), rows are converted in registers straight from the cache. Flash attention takes one KV head per unit; paged
 // attention takes all of them, so that it streams whole [token, head, dim]
 // rows of the cache (a single head's 256-byte slices, 2 KB apart, defeat the
 // hardware prefetchers). Long paged contexts are cut into chunks whose partial
@@ -34,6 +35,9 @@ constexpr int64_t kKeyBlock = 64;
 int64_t KeyBlock(size_t row_floats) {
   return std::clamp<int64_t>(int64_t(8192 / row_floats), 2, kKeyBlock);
 }
+// Keys per block when K/V are read in place: nothing is staged, so only the
+// softmax bookkeeping per block (max, rescale) sets it.
+constexpr int64_t kDirectKeyBlock = 32;
 // Query tokens per unit: with 8 q heads per KV head that is 128 query rows.
 constexpr int64_t kQueryTile = 16;
 // Paged contexts are chunked no finer than this many keys: below it the
@@ -67,7 +71,7 @@ Unit MakeUnit(int64_t rows, int64_t dh, int64_t heads = 1) {
   u.heads = heads;
   u.rows_per_head = rows / heads;
   const size_t r = size_t(rows), kb = size_t(kKeyBlock), hd = size_t(heads) * u.dp;
-  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * hd + 4 * kb);
+  float* f = scratch<float>(kScratchLocal0, 2 * r * u.dp + 2 * r + 2 * kb * hd + 4 * size_t(kKeyBlock));
   u.q = f;
   u.o = u.q + r * u.dp;
   u.m = u.o + r * u.dp;
@@ -96,33 +100,143 @@ void StageQuery(Unit& u, int64_t i, const T* q, int64_t dh, float scale) {
 }
 
 constexpr int64_t kRowGroup = 4;
+// Keys scored per step: each key vector meets every query row of the group
+// from registers, and the step's dot products are reduced together. 4 x 4
+// accumulators fit AVX-512's and NEON's 32 registers; AVX2 has 16.
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+constexpr int kKeyStep = 2;
+#else
+constexpr int kKeyStep = 4;
+#endif
 
-// Query rows r0 .. r0 + RG - 1 (one KV head) against the staged key block
-// [j0, j0 + nk): one online-softmax step.
-template <int RG>
-HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk) {
+// Where a key block lives: key j of the block, KV head h, starts at
+// k[j] + h * head_step (likewise v). Either the staged f32 rows of the unit or
+// the cache's own rows, converted in registers as they are used.
+template <class TK>
+struct KeyRows {
+  const TK* const* k;
+  const TK* const* v;
+  size_t head_step;
+  // The next block's rows (or null): each load of the block requests the
+  // bytes at the same place of the next block into L2, so the requests are
+  // spread evenly over the work, one block ahead (B1 decode: 0.91 -> 0.61 ms
+  // with L2 requests, against one burst of L1 requests per block).
+  const TK* const* k_next = nullptr;
+  const TK* const* v_next = nullptr;
+};
+
+// Fixed-width targets of 4+ lanes reduce a key step's vectors together.
+#undef TK_JOINT_SUMS
+#if HWY_TARGET == HWY_SCALAR || HWY_HAVE_SCALABLE
+#define TK_JOINT_SUMS 0
+#else
+#define TK_JOINT_SUMS 1
+// Sum of the 128-bit blocks of v: a 4-lane vector.
+template <class D>
+HWY_INLINE hn::Vec<hn::Full128<float>> FoldBlocks(D d, hn::Vec<D> v) {
+  if constexpr (hn::MaxLanes(D()) <= 4) {
+    return v;
+  } else {
+    const hn::Half<D> dh;
+    return FoldBlocks(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  }
+}
+#endif
+
+// out[t] = sum of the lanes of a[t], t < kKeyStep. Reducing the step's
+// vectors together (interleave, add, fold the blocks) costs about a third of
+// one full reduction per vector.
+HWY_INLINE void StoreSums(DF d, const VF* a, float* out) {
+#if TK_JOINT_SUMS
+  {
+    const hn::Repartition<uint64_t, DF> d64;
+    // With two keys per step, the second pair repeats the first.
+    const VF a2 = a[2 % kKeyStep], a3 = a[3 % kKeyStep];
+    const VF ab = hn::Add(hn::InterleaveLower(d, a[0], a[1]), hn::InterleaveUpper(d, a[0], a[1]));
+    const VF cd = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
+    const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+    const VF sum = hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab64, cd64)),
+                           hn::BitCast(d, hn::InterleaveUpper(d64, ab64, cd64)));
+    alignas(16) float lanes[4];
+    hn::Store(FoldBlocks(d, sum), hn::Full128<float>(), lanes);
+    for (int t = 0; t < kKeyStep; ++t) out[t] = lanes[t];
+  }
+#else
+  for (int t = 0; t < kKeyStep; ++t) out[t] = ReduceSum(d, a[t]);
+#endif
+}
+
+// s[i][j] = q_i . k_j for the RG query rows at q and keys [0, nk) of the block
+// (a step past nk repeats key nk - 1; those scores are never used).
+template <int RG, class TK>
+HWY_INLINE void ScoreKeys(const float* HWY_RESTRICT q, size_t dp, const KeyRows<TK>& kr, size_t hoff,
+                          int64_t nk, float* HWY_RESTRICT s) {
   const DF d;
-  const size_t N = hn::Lanes(d), dp = u.dp, hd = size_t(u.heads) * dp;
+  const size_t N = hn::Lanes(d);
+  for (int64_t j = 0; j < nk; j += kKeyStep) {
+    const TK* k[kKeyStep];
+    for (int t = 0; t < kKeyStep; ++t) k[t] = kr.k[std::min<int64_t>(j + t, nk - 1)] + hoff;
+    VF acc[RG][kKeyStep];
+    for (int i = 0; i < RG; ++i)
+      for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::Zero(d);
+    const TK* kn[kKeyStep];
+    if (kr.k_next)
+      for (int t = 0; t < kKeyStep; ++t) kn[t] = kr.k_next[std::min<int64_t>(j + t, nk - 1)] + hoff;
+    for (size_t c = 0; c < dp; c += N) {
+      VF kv[kKeyStep];
+      for (int t = 0; t < kKeyStep; ++t) {
+        if (kr.k_next) PrefetchL2(kn[t] + c);
+        kv[t] = LoadF32(d, k[t] + c);
+      }
+      for (int i = 0; i < RG; ++i) {
+        const VF qv = hn::LoadU(d, q + size_t(i) * dp + c);
+        for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::MulAdd(qv, kv[t], acc[i][t]);
+      }
+    }
+    for (int i = 0; i < RG; ++i) StoreSums(d, acc[i], s + i * kKeyBlock + j);
+  }
+}
+
+// o_i = alpha_i o_i + sum_j p_ij v_j over CV vectors of the head dim from c.
+template <int RG, int CV, class TK>
+HWY_INLINE void AccumulateValues(float* HWY_RESTRICT o, size_t dp, size_t c, const KeyRows<TK>& kr,
+                                 size_t hoff, int64_t nk, const float* HWY_RESTRICT p,
+                                 const float* alpha) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF acc[RG][CV];
+  for (int i = 0; i < RG; ++i)
+    for (int x = 0; x < CV; ++x)
+      acc[i][x] = hn::Mul(hn::LoadU(d, o + size_t(i) * dp + c + x * N), hn::Set(d, alpha[i]));
+  for (int64_t j = 0; j < nk; ++j) {
+    const TK* v = kr.v[j] + hoff + c;
+    if (kr.v_next) PrefetchL2(kr.v_next[j] + hoff + c);
+    VF vv[CV];
+    for (int x = 0; x < CV; ++x) vv[x] = LoadF32(d, v + x * N);
+    for (int i = 0; i < RG; ++i) {
+      const VF pv = hn::Set(d, p[i * kKeyBlock + j]);
+      for (int x = 0; x < CV; ++x) acc[i][x] = hn::MulAdd(pv, vv[x], acc[i][x]);
+    }
+  }
+  for (int i = 0; i < RG; ++i)
+    for (int x = 0; x < CV; ++x) hn::StoreU(acc[i][x], d, o + size_t(i) * dp + c + x * N);
+}
+
+// Query rows r0 .. r0 + RG - 1 (one KV head) against keys [j0, j0 + nk) of
+// the sequence, found through kr: one online-softmax step.
+template <int RG, class TK>
+HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk, const KeyRows<TK>& kr) {
+  const DF d;
+  const size_t N = hn::Lanes(d), dp = u.dp;
   int64_t lim[RG], max_lim = 0;
   for (int i = 0; i < RG; ++i) {
     lim[i] = std::clamp<int64_t>(u.visible[r0 + i] - j0, 0, nk);
     max_lim = std::max(max_lim, lim[i]);
   }
   if (max_lim == 0) return;
-  const float* kh = u.kf + size_t(r0 / u.rows_per_head) * dp;
-  const float* vh = u.vf + size_t(r0 / u.rows_per_head) * dp;
-  const float* q = u.q + size_t(r0) * dp;
+  const size_t hoff = size_t(r0 / u.rows_per_head) * kr.head_step;
   float* s = u.s;  // [RG][kKeyBlock]
-  for (int64_t j = 0; j < max_lim; ++j) {
-    const float* k = kh + size_t(j) * hd;
-    VF acc[RG];
-    for (int i = 0; i < RG; ++i) acc[i] = hn::Zero(d);
-    for (size_t c = 0; c < dp; c += N) {
-      const VF kv = hn::LoadU(d, k + c);
-      for (int i = 0; i < RG; ++i) acc[i] = hn::MulAdd(hn::LoadU(d, q + size_t(i) * dp + c), kv, acc[i]);
-    }
-    for (int i = 0; i < RG; ++i) s[i * kKeyBlock + j] = ReduceSum(d, acc[i]);
-  }
+  ScoreKeys<RG>(u.q + size_t(r0) * dp, dp, kr, hoff, max_lim, s);
   float alpha[RG];
   for (int i = 0; i < RG; ++i) {
     const int64_t r = r0 + i;
@@ -132,16 +246,19 @@ HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk) {
       for (int64_t j = 0; j < max_lim; ++j) si[j] = 0.0f;
       continue;
     }
-    float bm = kNegInf;
-    for (int64_t j = 0; j < lim[i]; ++j) bm = std::max(bm, si[j]);
-    const float m_new = std::max(u.m[r], bm);
+    VF bmv = hn::Set(d, kNegInf);
+    for (int64_t j = 0; j < lim[i]; j += int64_t(N)) {
+      const auto valid = hn::FirstN(d, size_t(std::min<int64_t>(lim[i] - j, int64_t(N))));
+      bmv = hn::Max(bmv, hn::IfThenElse(valid, hn::LoadU(d, si + j), hn::Set(d, kNegInf)));
+    }
+    const float m_new = std::max(u.m[r], hn::GetLane(hn::MaxOfLanes(d, bmv)));
     alpha[i] = u.m[r] == kNegInf ? 0.0f : std::exp(u.m[r] - m_new);
     // p_j = e^(s_j - m_new); keys past the row's limit get exact zeros.
     const VF mv = hn::Set(d, m_new);
     VF psum = hn::Zero(d);
     for (int64_t j = 0; j < max_lim; j += int64_t(N)) {
       const int64_t valid = std::clamp<int64_t>(lim[i] - j, 0, int64_t(N));
-      VF p = ExpClamped(d, hn::Sub(hn::LoadU(d, si + j), mv));
+      VF p = ExpFast(d, hn::Max(hn::Sub(hn::LoadU(d, si + j), mv), hn::Set(d, -87.0f)));
       p = hn::IfThenElseZero(hn::FirstN(d, size_t(valid)), p);
       hn::StoreU(p, d, si + j);
       psum = hn::Add(psum, p);
@@ -150,32 +267,42 @@ HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk) {
     u.m[r] = m_new;
   }
   float* o = u.o + size_t(r0) * dp;
-  for (size_t c = 0; c < dp; c += N) {
-    VF acc[RG];
-    for (int i = 0; i < RG; ++i) acc[i] = hn::Mul(hn::LoadU(d, o + size_t(i) * dp + c), hn::Set(d, alpha[i]));
-    for (int64_t j = 0; j < max_lim; ++j) {
-      const VF v = hn::LoadU(d, vh + size_t(j) * hd + c);
-      for (int i = 0; i < RG; ++i) acc[i] = hn::MulAdd(hn::Set(d, s[i * kKeyBlock + j]), v, acc[i]);
+  size_t c = 0;
+  for (; c + 2 * N <= dp; c += 2 * N) AccumulateValues<RG, 2>(o, dp, c, kr, hoff, max_lim, s, alpha);
+  if (c < dp) AccumulateValues<RG, 1>(o, dp, c, kr, hoff, max_lim, s, alpha);
+}
+
+// Every query row of the unit against keys [j0, j0 + nk), in groups of up to
+// kRowGroup rows that share a KV head: each key and value vector is loaded
+// once for the whole group.
+template <class TK>
+void AttendRowGroups(Unit& u, int64_t j0, int64_t nk, const KeyRows<TK>& kr) {
+  for (int64_t r = 0; r < u.rows;) {
+    const int64_t in_head = u.rows_per_head - r % u.rows_per_head;
+    const int rg = int(std::min<int64_t>({kRowGroup, u.rows - r, in_head}));
+    switch (rg) {
+      case 1: AttendRows<1>(u, r, j0, nk, kr); break;
+      case 2: AttendRows<2>(u, r, j0, nk, kr); break;
+      case 3: AttendRows<3>(u, r, j0, nk, kr); break;
+      default: AttendRows<4>(u, r, j0, nk, kr); break;
     }
-    for (int i = 0; i < RG; ++i) hn::StoreU(acc[i], d, o + size_t(i) * dp + c);
+    r += rg;
   }
 }
 
-// Keys [j0, j0 + nk) of the sequence (row pointers from kv(j)) against every
-// query row: one online-softmax step.
-// Rows [j0, j1) of the cache are requested ahead of use. A unit reads one KV
-// head: 256 bytes per token, 2 KB apart in a [token, head, dim] cache, which
-// the hardware prefetchers (trained within 4 KB pages) do not follow; without
-// this the reads wait on DRAM one row at a time.
-// `heads` KV heads of a token are contiguous in the cache (paged layout), so
-// one range covers them.
+// kv(j, k, v) gives the rows of key j of the sequence: KV head h at k + h * dh.
+// Rows [j0, j1) are requested ahead of use. A flash unit reads one KV head:
+// 256 bytes per token, 2 KB apart in a [token, head, dim] cache, which the
+// hardware prefetchers (trained within 4 KB pages) do not follow; without
+// this the reads wait on DRAM one row at a time. A paged unit reads all
+// `heads` of a token, which are contiguous, so one range covers them.
 template <class T, class KV>
 void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, int64_t heads, const KV& kv) {
   const size_t bytes = size_t(dh * heads) * sizeof(T);
   for (int64_t j = j0; j < j1; ++j) {
     const T* krow;
     const T* vrow;
-    kv(j, 0, krow, vrow);
+    kv(j, krow, vrow);
     for (size_t b = 0; b < bytes; b += 64) {
       hwy::Prefetch(reinterpret_cast<const char*>(krow) + b);
       hwy::Prefetch(reinterpret_cast<const char*>(vrow) + b);
@@ -183,45 +310,66 @@ void PrefetchRows(int64_t j0, int64_t j1, int64_t dh, int64_t heads, const KV& k
   }
 }
 
+// Rows of keys [j0, j0 + n) into k[0, nk), v[0, nk); a block shorter than nk
+// repeats its first row (those entries are only ever prefetched).
 template <class T, class KV>
-void AttendBlock(Unit& u, int64_t j0, int64_t nk, int64_t dh, const KV& kv) {
-  const size_t dp = u.dp;
-  const size_t hd = size_t(u.heads) * dp;
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t h = 0; h < u.heads; ++h) {
-      const T* krow;
-      const T* vrow;
-      kv(j0 + j, h, krow, vrow);
-      float* kd = u.kf + size_t(j) * hd + size_t(h) * dp;
-      float* vd = u.vf + size_t(j) * hd + size_t(h) * dp;
-      RowToF32(krow, kd, size_t(dh));
-      RowToF32(vrow, vd, size_t(dh));
-      for (size_t c = size_t(dh); c < dp; ++c) kd[c] = vd[c] = 0.0f;
-    }
-  // Query rows in groups of up to kRowGroup that share a KV head: each key and
-  // value vector is loaded once for the whole group.
-  for (int64_t r = 0; r < u.rows;) {
-    const int64_t in_head = u.rows_per_head - r % u.rows_per_head;
-    const int rg = int(std::min<int64_t>({kRowGroup, u.rows - r, in_head}));
-    switch (rg) {
-      case 1: AttendRows<1>(u, r, j0, nk); break;
-      case 2: AttendRows<2>(u, r, j0, nk); break;
-      case 3: AttendRows<3>(u, r, j0, nk); break;
-      default: AttendRows<4>(u, r, j0, nk); break;
-    }
-    r += rg;
+void BlockRows(int64_t j0, int64_t n, int64_t nk, const KV& kv, const T** k, const T** v) {
+  for (int64_t j = 0; j < n; ++j) kv(j0 + j, k[j], v[j]);
+  for (int64_t j = std::max<int64_t>(n, 0); j < nk; ++j) {
+    k[j] = k[0];
+    v[j] = v[0];
   }
 }
 
-// All keys [j_begin, j_end) of the unit, in blocks.
+// Keys [j0, j0 + nk) (rows in krow, vrow) against every query row, staged as
+// f32 once and shared by all row groups: one online-softmax step.
+template <class T>
+void AttendStaged(Unit& u, int64_t j0, int64_t nk, int64_t dh, const T* const* krow,
+                  const T* const* vrow) {
+  const size_t dp = u.dp;
+  const size_t hd = size_t(u.heads) * dp;
+  const float* kf[kKeyBlock];
+  const float* vf[kKeyBlock];
+  for (int64_t j = 0; j < nk; ++j) {
+    float* kd = u.kf + size_t(j) * hd;
+    float* vd = u.vf + size_t(j) * hd;
+    kf[j] = kd;
+    vf[j] = vd;
+    for (int64_t h = 0; h < u.heads; ++h, kd += dp, vd += dp) {
+      RowToF32(krow[j] + h * dh, kd, size_t(dh));
+      RowToF32(vrow[j] + h * dh, vd, size_t(dh));
+      for (size_t c = size_t(dh); c < dp; ++c) kd[c] = vd[c] = 0.0f;
+    }
+  }
+  AttendRowGroups(u, j0, nk, KeyRows<float>{kf, vf, dp});
+}
+
+// All keys [j_begin, j_end) of the unit, in blocks. Directly (each K/V
+// vector meets one row group, so staging it as f32 would only add a store and
+// a load) when the head dim is whole vectors and a KV head has at most two
+// row groups; else staged.
 template <class T, class KV>
 void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv) {
-  const int64_t block = KeyBlock(size_t(u.heads) * u.dp);
-  // Two blocks in flight: the next one is requested while this one is used.
+  const bool direct = size_t(dh) == u.dp && u.rows_per_head <= 2 * kRowGroup;
+  const int64_t block = direct ? kDirectKeyBlock : KeyBlock(size_t(u.heads) * u.dp);
+  // The first block is requested at once.
   PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, u.heads, kv);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += block) {
-    PrefetchRows<T>(std::min(j_end, j0 + block), std::min(j_end, j0 + 2 * block), dh, u.heads, kv);
-    AttendBlock<T>(u, j0, std::min(block, j_end - j0), dh, kv);
+  const T* rows[2][2][kKeyBlock];  // [block parity][k, v][key]
+  BlockRows(j_begin, std::min(block, j_end - j_begin), block, kv, rows[0][0], rows[0][1]);
+  for (int64_t j0 = j_begin, b = 0; j0 < j_end; j0 += block, b ^= 1) {
+    const int64_t nk = std::min(block, j_end - j0);
+    const int64_t n_next = std::min(block, j_end - (j0 + block));
+    if (!direct) {
+      // The next block is requested while this one is staged and used.
+      if (n_next > 0) PrefetchRows<T>(j0 + block, j0 + block + n_next, dh, u.heads, kv);
+      BlockRows(j0, nk, nk, kv, rows[b][0], rows[b][1]);
+      AttendStaged<T>(u, j0, nk, dh, rows[b][0], rows[b][1]);
+      continue;
+    }
+    if (n_next > 0) BlockRows(j0 + block, n_next, nk, kv, rows[b ^ 1][0], rows[b ^ 1][1]);
+    const bool more = n_next > 0;
+    AttendRowGroups(u, j0, nk, KeyRows<T>{rows[b][0], rows[b][1], size_t(dh),
+                                          more ? rows[b ^ 1][0] : nullptr, more ? rows[b ^ 1][1] : nullptr});
   }
 }
 
@@ -271,7 +419,7 @@ void FlashAttention(const tk_flash_attention_params& p, ThreadPool& pool) {
           u.visible[r] = p.causal ? std::clamp<int64_t>(i + lk - lq + 1, 0, lk) : lk;
           keys = std::max(keys, u.visible[r]);
         }
-      AttendRange<T>(u, 0, keys, dh, [&](int64_t j, int64_t, const T*& kr, const T*& vr) {
+      AttendRange<T>(u, 0, keys, dh, [&](int64_t j, const T*& kr, const T*& vr) {
         kr = HeadPtr<T>(p.k, k0 + j, p.k_token_stride, kvh, p.k_head_stride);
         vr = HeadPtr<T>(p.v, k0 + j, p.v_token_stride, kvh, p.v_head_stride);
       });
@@ -289,6 +437,10 @@ void PagedAttention(const tk_paged_attention_params& p, ThreadPool& pool) {
   const tk_paged_kv_cache& c = p.cache;
   const int64_t hkv = c.num_kv_heads, group = p.num_q_heads / hkv, dh = c.head_dim;
   const int64_t seqs = c.num_seqs;
+  // Page sizes are powers of two (validated): no division per key.
+  int page_shift = 0;
+  while ((int64_t(1) << page_shift) < c.page_size) ++page_shift;
+  const int64_t page_mask = c.page_size - 1;
   auto q_start = [&](int64_t s) { return p.cu_seqlens_q ? int64_t(p.cu_seqlens_q[s]) : s; };
   auto q_len = [&](int64_t s) { return p.cu_seqlens_q ? p.cu_seqlens_q[s + 1] - q_start(s) : 1; };
 
@@ -366,9 +518,9 @@ void PagedAttention(const tk_paged_attention_params& p, ThreadPool& pool) {
       const T* kc = static_cast<const T*>(c.k);
       const T* vc = static_cast<const T*>(c.v);
       AttendRange<T>(u, j_begin, std::min(j_end, w.len - w.lq + w.i1), dh,
-                     [&](int64_t j, int64_t kvh, const T*& kr, const T*& vr) {
-                       const int64_t slot = int64_t(blocks[j / c.page_size]) * c.page_size + j % c.page_size;
-                       const int64_t off = (slot * hkv + kvh) * dh;
+                     [&](int64_t j, const T*& kr, const T*& vr) {
+                       const int64_t slot = (int64_t(blocks[j >> page_shift]) << page_shift) + (j & page_mask);
+                       const int64_t off = slot * hkv * dh;
                        kr = kc + off;
                        vr = vc + off;
                      });
