@@ -60,51 +60,15 @@ tk_status launch_tiles(const tk_qmatmul_int4_params& p, const Launch& l) {
 // row tile split the K groups and add up through shared memory. A round
 // issues kSteps groups' weight loads (2 x 16 bytes each per lane) before the
 // first is used.
-//   kTT = 1 (T <= 8, decode): 8 warps of 4 steps, <= 80 registers, 3 blocks
+//   kTT = 1 (T <= 8, decode): 8 warps of 4 steps, <= 128 registers, 2 blocks
 //   per SM. For K = 4096 (32 groups) each warp's share is one round, so a
 //   block lives for one HBM round trip plus the dequantisation of 4 groups,
-//   and the grid (896 blocks for N = 14336) is 2.3 waves of such short
-//   blocks: 24 warps x 4 KB in flight per SM, about three times what
-//   Little's law asks of HBM. The previous shape (4 warps of 2 steps, 6
-//   blocks per SM) made each warp wait out 4 round trips back to back, and
-//   its 896 blocks were 1.1 waves on 132 SMs: 22.6 us on the H100 (f16).
-//   kTT = 4: 4 warps of 2 steps, 3 blocks per SM (168 registers).
-// c[tt] = the 16 x 8 mma products of one group (128 k) of the lane's rows
-// g, g + 8 (16 bytes of codes each, zero codes za, zb) with tokens tile tt,
-// without the scale. xoff: the group's byte offset in an x row. Word w of the
-// lane's 16 bytes is the A operand of mmas 2w, 2w + 1, whose B fragments come
-// from the w-th 16 bytes of x (qmma_b_frag): one word at a time keeps few
-// operands live.
-template <class Ta, int kTT>
-__device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
-                                           const char* const (&xr)[kTT], int64_t xoff,
-                                           float (&c)[kTT][4]) {
-  const QZero zqa = qmma_zero<Ta>(za), zqb = qmma_zero<Ta>(zb);
-  const uint32_t wra[4] = {wa.x, wa.y, wa.z, wa.w};
-  const uint32_t wrb[4] = {wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    uint32_t pa[4], pb[4];
-    qmma_dequant_word<Ta>(wra[w], zqa, pa);
-    qmma_dequant_word<Ta>(wrb[w], zqb, pb);
-#pragma unroll
-    for (int tt = 0; tt < kTT; ++tt) {
-      const uint4 v = ld16(xr[tt] + xoff + 16 * w);
-      const uint32_t X[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t a[4] = {pa[2 * h],       // row g,     slots 2t4, 2t4 + 1
-                               pb[2 * h],       // row g + 8
-                               pa[2 * h + 1],   // row g,     slots 2t4 + 8, 2t4 + 9
-                               pb[2 * h + 1]};  // row g + 8
-        uint32_t b0, b1;
-        qmma_b_frag(X[h], X[h + 2], b0, b1);
-        QmmaType<Ta>::mma(c[tt], a, b0, b1);
-      }
-    }
-  }
-}
-
+//   and the grid (896 blocks for N = 14336) is 3.4 waves of such short
+//   blocks, 16 warps x 4 KB in flight per SM (Little's law asks about a
+//   third of that of HBM). The previous shape (4 warps of 2 steps, 6 blocks
+//   per SM) made each warp wait out 4 round trips back to back, and its 896
+//   blocks were 1.1 waves on 132 SMs: 22.6 us on the H100 (f16).
+//   kTT = 4: 4 warps of 2 steps, 3 blocks per SM (<= 168 registers).
 template <int kTT>
 struct QmmaShape {
   static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3;

@@ -125,6 +125,42 @@ __device__ __forceinline__ void qmma_b_frag(uint32_t x0, uint32_t x2, uint32_t& 
   b1 = __byte_perm(x0, x2, 0x7632);
 }
 
+// c[tt] = the 16 x 8 mma products of one group (128 k) of the lane's rows
+// g, g + 8 (16 bytes of codes each, zero codes za, zb) with tokens tile tt,
+// without the scale. xoff: the group's byte offset in an x row. Word w of the
+// lane's 16 bytes is the A operand of mmas 2w, 2w + 1, whose B fragments come
+// from the w-th 16 bytes of x (qmma_b_frag): one word at a time keeps few
+// operands live.
+template <class Ta, int kTT>
+__device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
+                                           const char* const (&xr)[kTT], int64_t xoff,
+                                           float (&c)[kTT][4]) {
+  const QZero zqa = qmma_zero<Ta>(za), zqb = qmma_zero<Ta>(zb);
+  const uint32_t wra[4] = {wa.x, wa.y, wa.z, wa.w};
+  const uint32_t wrb[4] = {wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t pa[4], pb[4];
+    qmma_dequant_word<Ta>(wra[w], zqa, pa);
+    qmma_dequant_word<Ta>(wrb[w], zqb, pb);
+#pragma unroll
+    for (int tt = 0; tt < kTT; ++tt) {
+      const uint4 v = ld16(xr[tt] + xoff + 16 * w);
+      const uint32_t X[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {pa[2 * h],       // row g,     slots 2t4, 2t4 + 1
+                               pb[2 * h],       // row g + 8
+                               pa[2 * h + 1],   // row g,     slots 2t4 + 8, 2t4 + 9
+                               pb[2 * h + 1]};  // row g + 8
+        uint32_t b0, b1;
+        qmma_b_frag(X[h], X[h + 2], b0, b1);
+        QmmaType<Ta>::mma(c[tt], a, b0, b1);
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ float qmma_scale(uint16_t b, bool bf16) {
   return bf16 ? __uint_as_float(uint32_t(b) << 16) : __half2float(__ushort_as_half(b));
 }
