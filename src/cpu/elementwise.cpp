@@ -5,11 +5,17 @@
 
 #include "cpu/kernels.h"
 #include "cpu/simd-inl.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace tk::cpu::HWY_NAMESPACE {
 namespace {
+
+// Outputs of at least this many bytes are written with non-temporal stores:
+// they cannot stay cached for the next op anyway (half a 32 MB LLC), and a
+// plain store reads every line before overwriting it.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <class T>
 T* row(const void* base, int64_t r, int64_t stride) {
@@ -19,7 +25,7 @@ T* row(const void* base, int64_t r, int64_t stride) {
 // y = rmsnorm(x) * w, or with a residual: r <- round(x + r), y = rmsnorm(r) * w.
 // The second pass re-reads the row from L1/L2, not from memory.
 template <class T>
-void RmsNormRow(const tk_rmsnorm_params& p, int64_t t) {
+void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, bool stream) {
   const DF d;
   const size_t N = hn::Lanes(d), n = size_t(p.dim);
   const T* x = row<T>(p.x, t, p.x_stride);
@@ -50,6 +56,9 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t) {
   }
   const VF inv = hn::Set(d, InvRms(ss, n, p.eps));
   size_t i = 0;
+  if (stream && StreamAligned(y)) {
+    for (; i + N <= n; i += N) StreamF32(d, hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, w + i)), y + i);
+  }
   for (; i + N <= n; i += N) StoreF32(d, hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, w + i)), y + i);
   if (i < n) {
     const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, h + i, n - i), inv), LoadF32Partial(d, w + i, n - i));
@@ -60,11 +69,14 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t) {
 }  // namespace
 
 void RmsNorm(const tk_rmsnorm_params& p, ThreadPool& pool) {
-  const int64_t bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype)) * (p.residual ? 4 : 2);
+  const int64_t out_bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype));
+  const int64_t bytes = out_bytes * (p.residual ? 4 : 2);
+  const bool stream = out_bytes >= kStreamBytes;
   VisitDtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     parallel_ranges(pool, p.rows, task_count(pool, p.rows, bytes), [&](int64_t t0, int64_t t1, int) {
-      for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t);
+      for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, stream);
+      if (stream) hwy::FlushStream();
     });
   });
 }
@@ -98,7 +110,9 @@ void Swiglu(const tk_swiglu_params& p, ThreadPool& pool) {
   // Rows are cut into column pieces too, so that a single long row still splits.
   constexpr int64_t kPiece = 4096;
   const int64_t pieces = (p.dim + kPiece - 1) / kPiece, units = p.rows * pieces;
-  const int64_t bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype)) * 3;
+  const int64_t out_bytes = p.rows * p.dim * int64_t(dtype_size(p.dtype));
+  const int64_t bytes = out_bytes * 3;
+  const bool stream = out_bytes >= kStreamBytes;
   VisitDtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     parallel_ranges(pool, units, task_count(pool, units, bytes), [&](int64_t u0, int64_t u1, int) {
@@ -111,12 +125,15 @@ void Swiglu(const tk_swiglu_params& p, ThreadPool& pool) {
         const T* up = row<T>(p.up, t, p.up_stride) + c0;
         T* o = row<T>(p.out, t, p.out_stride) + c0;
         size_t i = 0;
+        if (stream && StreamAligned(o))
+          for (; i + N <= n; i += N) StreamF32(d, hn::Mul(Silu(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
         for (; i + N <= n; i += N) StoreF32(d, hn::Mul(Silu(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
         if (i < n) {
           const VF v = hn::Mul(Silu(d, LoadF32Partial(d, g + i, n - i)), LoadF32Partial(d, up + i, n - i));
           StoreF32Partial(d, v, o + i, n - i);
         }
       }
+      if (stream) hwy::FlushStream();
     });
   });
 }

@@ -13,7 +13,9 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "hwy/cache_control.h"
@@ -124,6 +126,29 @@ HWY_INLINE void StoreF32(D d, hn::Vec<D> v, f16* HWY_RESTRICT p) {
       std::memcpy(p + i, &h, 2);
     }
   }
+}
+
+// Like StoreF32, but a non-temporal store to a p aligned to the stored
+// vector: for outputs far larger than the caches, it skips reading each line
+// before overwriting it (a third of a copy's traffic). Callers end with
+// hwy::FlushStream().
+template <class D, class T>
+HWY_INLINE void StreamF32(D d, hn::Vec<D> v, T* HWY_RESTRICT p) {
+  if constexpr (std::is_same_v<T, float>) {
+    hn::Stream(v, d, p);
+  } else if constexpr (std::is_same_v<T, f16> && kNativeF16) {
+    const hn::Rebind<uint16_t, D> du16;
+    hn::Stream(hn::BitCast(du16, hn::DemoteTo(hn::Rebind<f16, D>(), v)), du16,
+               reinterpret_cast<uint16_t*>(p));
+  } else {
+    StoreF32(d, v, p);  // bf16 and emulated f16: a plain store
+  }
+}
+
+// Whether a row of T starting at p can take StreamF32 at every whole vector.
+template <class T>
+HWY_INLINE bool StreamAligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (hn::Lanes(DF()) * sizeof(T)) == 0;
 }
 
 // ---------------------------------------------------------------------------
