@@ -103,10 +103,14 @@ constexpr int64_t kRowGroup = 4;
 // Keys scored per step: each key vector meets every query row of the group
 // from registers, and the step's dot products are reduced together. 4 x 4
 // accumulators fit AVX-512's and NEON's 32 registers; AVX2 has 16.
+// Value vectors per pass: each broadcast weight p_ij meets this many (4 x 4
+// accumulators again).
 #if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
 constexpr int kKeyStep = 2;
+constexpr int kValueStep = 2;
 #else
 constexpr int kKeyStep = 4;
+constexpr int kValueStep = 4;
 #endif
 
 // Where a key block lives: key j of the block, KV head h, starts at
@@ -210,7 +214,9 @@ HWY_INLINE void AccumulateValues(float* HWY_RESTRICT o, size_t dp, size_t c, con
       acc[i][x] = hn::Mul(hn::LoadU(d, o + size_t(i) * dp + c + x * N), hn::Set(d, alpha[i]));
   for (int64_t j = 0; j < nk; ++j) {
     const TK* v = kr.v[j] + hoff + c;
-    if (kr.v_next) PrefetchL2(kr.v_next[j] + hoff + c);
+    if (kr.v_next)
+      for (size_t b = 0; b < CV * N * sizeof(TK); b += 64)
+        PrefetchL2(reinterpret_cast<const char*>(kr.v_next[j] + hoff + c) + b);
     VF vv[CV];
     for (int x = 0; x < CV; ++x) vv[x] = LoadF32(d, v + x * N);
     for (int i = 0; i < RG; ++i) {
@@ -268,8 +274,9 @@ HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk, const Ke
   }
   float* o = u.o + size_t(r0) * dp;
   size_t c = 0;
-  for (; c + 2 * N <= dp; c += 2 * N) AccumulateValues<RG, 2>(o, dp, c, kr, hoff, max_lim, s, alpha);
-  if (c < dp) AccumulateValues<RG, 1>(o, dp, c, kr, hoff, max_lim, s, alpha);
+  for (; c + kValueStep * N <= dp; c += kValueStep * N)
+    AccumulateValues<RG, kValueStep>(o, dp, c, kr, hoff, max_lim, s, alpha);
+  for (; c < dp; c += N) AccumulateValues<RG, 1>(o, dp, c, kr, hoff, max_lim, s, alpha);
 }
 
 // Every query row of the unit against keys [j0, j0 + nk), in groups of up to
