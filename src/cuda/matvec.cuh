@@ -58,11 +58,6 @@ __device__ __forceinline__ void load_act_n(tk_dtype dtype, const void* p, float 
   else load_act<kW>(dtype, p, v);
 }
 
-// Requests the line holding p into L1 (and L2); no register, no wait.
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
-
 struct MvNoHook {
   __device__ __forceinline__ void operator()() const {}
 };
@@ -91,20 +86,6 @@ __device__ __forceinline__ void mv_dot(const Tw* const (&w)[kR], const MvAct& a,
   if constexpr (!std::is_same_v<Issued, MvNoHook>)
     if (p_begin >= p_end) issued();
   for (int64_t p = p_begin; p < p_end; p += int64_t(step) * kU) {
-    if constexpr (kT == 1 && kW > 1) {
-      // Decode: the round's x (and norm weight) lines requested ahead of the
-      // weights. Read in the loop below one access at a time, they would be
-      // a chain of kU round trips in the blocks that first touch them (after
-      // an L2 flush, every SM's first blocks).
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t pu = p + int64_t(u) * step;
-        if (pu < p_end) {
-          prefetch_l1(xrow[0] + pu * kW * esz);
-          if constexpr (kNorm) prefetch_l1(static_cast<const char*>(a.norm_weight) + pu * kW * esz);
-        }
-      }
-    }
     typename WA::Raw raw[kU][kR];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {

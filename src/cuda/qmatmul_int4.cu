@@ -121,9 +121,6 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
       const int gi = std::min(s0 + u * ksplit, ngroups - 1);
-      // The group's x (64 bytes of this lane's token row) requested first:
-      // it is read only after the scales' shuffle waits for memory.
-      if constexpr (kTT == 1) prefetch_l1(xr[0] + int64_t(gi) * 128 * int64_t(sizeof(Ta)));
       wa[u] = ld16_stream(qa + int64_t(gi) * 64);
       wb[u] = ld16_stream(qb + int64_t(gi) * 64);
     }
