@@ -58,33 +58,21 @@ __device__ __forceinline__ void load_act_n(tk_dtype dtype, const void* p, float 
   else load_act<kW>(dtype, p, v);
 }
 
-struct MvNoHook {
-  __device__ __forceinline__ void operator()() const {}
-};
-
 // acc[t][r] += sum over accesses p (p_begin, p_begin + step, ... < p_end) of
 // W_r[p*kW : (p+1)*kW] . act_t[...]. w: kR row pointers (valid memory).
 // kA == kR + 1 (with kNorm): acc[t][kR] += the sum of squares of act_t over the
 // same accesses, so the ksplit warps of a row group together hold the row's
 // RMS statistic without a second pass over x (which, for short blocks, would
 // be a chain of L2 round trips after the weight stream).
-// issued(): called once, after the first round's weight loads are issued and
-// before they are used (or up front if this lane has no access): a caller's
-// epilogue loads placed there wait out their latency in the shadow of the
-// weight stream instead of after it.
-template <class Tw, int kW, int kT, int kR, bool kNorm, int kU = kMvUnroll, int kA = kR,
-          class Issued = MvNoHook>
+template <class Tw, int kW, int kT, int kR, bool kNorm, int kU = kMvUnroll, int kA = kR>
 __device__ __forceinline__ void mv_dot(const Tw* const (&w)[kR], const MvAct& a, int64_t p_begin,
-                                       int64_t p_end, int step, float (&acc)[kT][kA],
-                                       const Issued& issued = Issued{}) {
+                                       int64_t p_end, int step, float (&acc)[kT][kA]) {
   static_assert(kA == kR || (kNorm && kA == kR + 1), "acc holds kR dot products (+ sum of squares)");
   using WA = WeightAccess<Tw, kW>;
   const int64_t esz = a.dtype == TK_F32 ? 4 : 2;
   const char* xrow[kT];
 #pragma unroll
   for (int t = 0; t < kT; ++t) xrow[t] = a.x + int64_t(t < a.rows ? t : a.rows - 1) * a.stride_bytes;
-  if constexpr (!std::is_same_v<Issued, MvNoHook>)
-    if (p_begin >= p_end) issued();
   for (int64_t p = p_begin; p < p_end; p += int64_t(step) * kU) {
     typename WA::Raw raw[kU][kR];
 #pragma unroll
@@ -94,8 +82,6 @@ __device__ __forceinline__ void mv_dot(const Tw* const (&w)[kR], const MvAct& a,
       for (int r = 0; r < kR; ++r)
         if (pu < p_end) raw[u][r] = WA::load(w[r] + pu * kW);
     }
-    if constexpr (!std::is_same_v<Issued, MvNoHook>)
-      if (p == p_begin) issued();
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int64_t pu = p + int64_t(u) * step;
