@@ -372,8 +372,38 @@ tk_status FusedFfnTest::call(tk_context* ctx, const tk_fused_ffn_params& p) cons
 }
 
 void FusedFfnTest::compare(const Result& o, const Result& ref) const {
-  // Gate and up projections of about 1: outputs of about 0.5.
-  EXPECT_TRUE(compare_close(o.of(out), ref.of(out), tolerance(OpKind::Matmul, s_.dtype), 0.1));
+  if (s_.dtype == TK_F32 || s_.format != TK_WEIGHTS_DENSE) {
+    // Gate and up projections of about 1: outputs of about 0.5.
+    EXPECT_TRUE(compare_close(o.of(out), ref.of(out), tolerance(OpKind::Matmul, s_.dtype), 0.1));
+    return;
+  }
+  // f16 / bf16 dense: FlashAttention's rule against the plain low-precision
+  // chain the fusion replaces (rmsnorm, two matmuls, swiglu, each rounding its
+  // output to the dtype). A tensor-core path rounds the normalised row to the
+  // dtype as that chain does, so the fixed matmul tolerance alone is not the
+  // contract (seen: bf16 T2 D128 F16 at 1.25x of it on an H100).
+  const tk_dtype d = s_.dtype;
+  Tensor emu = ref.of(out);
+  emu.name = out->name + " (low-precision chain)";
+  std::vector<double> h(size_t(s_.D));
+  for (int64_t t = 0; t < s_.T; ++t) {
+    double ss = 0;
+    for (int64_t k = 0; k < s_.D; ++k) ss += x->at({t, k}) * x->at({t, k});
+    const double inv = 1.0 / std::sqrt(ss / double(s_.D) + 1e-5);
+    for (int64_t k = 0; k < s_.D; ++k)
+      h[size_t(k)] = round_to(d, float(x->at({t, k}) * inv * norm_weight->at({k})));
+    for (int64_t f = 0; f < s_.F; ++f) {
+      double g = 0, u = 0;
+      for (int64_t k = 0; k < s_.D; ++k) {
+        g += h[size_t(k)] * w_gate->at({f, k});
+        u += h[size_t(k)] * w_up->at({f, k});
+      }
+      g = round_to(d, float(g));
+      u = round_to(d, float(u));
+      emu.put({t, f}, round_to(d, float(g / (1.0 + std::exp(-g)) * u)));
+    }
+  }
+  EXPECT_TRUE(compare_within_lowp(o.of(out), ref.of(out), emu, d));
 }
 
 std::vector<Case> fused_ffn_cases() {
