@@ -65,7 +65,9 @@ void RmsnormTest::compare(const Result& out, const Result& ref) const {
 std::vector<Case> rmsnorm_cases(bool residual) {
   struct TD { int64_t T, D; };
   const TD shapes[] = {{1, 1},  {1, 3},    {3, 113}, {2, 4097}, {5, 31}, {4, 32},
-                       {3, 33}, {16, 4096}, {1, 8192}, {7, 64},  {0, 16}};
+                       {3, 33}, {16, 4096}, {1, 8192}, {7, 64},  {0, 16},
+                       // f32 output over 16 MiB: the CPU's non-temporal store path.
+                       {1021, 4113}};
   std::vector<Case> cases;
   int i = 0;
   for (tk_dtype d : kDtypes)
@@ -252,7 +254,8 @@ void SwigluTest::compare(const Result& o, const Result& ref) const {
 std::vector<Case> swiglu_cases() {
   struct TF { int64_t T, F; };
   const TF shapes[] = {{1, 1},  {1, 3}, {3, 113}, {2, 4097}, {5, 31},
-                       {4, 32}, {3, 33}, {16, 14336}, {0, 7}};
+                       {4, 32}, {3, 33}, {16, 14336}, {0, 7},
+                       {585, 7177}};  // f32 output over 16 MiB: non-temporal stores
   std::vector<Case> cases;
   int i = 0;
   for (tk_dtype d : kDtypes)
