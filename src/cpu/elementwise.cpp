@@ -115,6 +115,7 @@ void Swiglu(const tk_swiglu_params& p, ThreadPool& pool) {
   const bool stream = out_bytes >= kStreamBytes;
   VisitDtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    constexpr bool kLowp = !std::is_same_v<T, float>;
     parallel_ranges(pool, units, task_count(pool, units, bytes), [&](int64_t u0, int64_t u1, int) {
       const DF d;
       const size_t N = hn::Lanes(d);
@@ -126,10 +127,10 @@ void Swiglu(const tk_swiglu_params& p, ThreadPool& pool) {
         T* o = row<T>(p.out, t, p.out_stride) + c0;
         size_t i = 0;
         if (stream && StreamAligned(o))
-          for (; i + N <= n; i += N) StreamF32(d, hn::Mul(Silu(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
-        for (; i + N <= n; i += N) StoreF32(d, hn::Mul(Silu(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
+          for (; i + N <= n; i += N) StreamF32(d, hn::Mul(Silu<kLowp>(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
+        for (; i + N <= n; i += N) StoreF32(d, hn::Mul(Silu<kLowp>(d, LoadF32(d, g + i)), LoadF32(d, up + i)), o + i);
         if (i < n) {
-          const VF v = hn::Mul(Silu(d, LoadF32Partial(d, g + i, n - i)), LoadF32Partial(d, up + i, n - i));
+          const VF v = hn::Mul(Silu<kLowp>(d, LoadF32Partial(d, g + i, n - i)), LoadF32Partial(d, up + i, n - i));
           StoreF32Partial(d, v, o + i, n - i);
         }
       }
