@@ -315,6 +315,9 @@ std::string FusedFfnShape::name() const {
   return n + (algo == TK_FUSED_SPLIT ? "_split" : "_naive") + layout_spec(layout).tag;
 }
 
+// One eps for the op's params and the low-precision chain that bounds it.
+constexpr float kFfnEps = 1e-5f;
+
 FusedFfnTest::FusedFfnTest(FusedFfnShape s) : s_(s) {}
 
 void FusedFfnTest::build(Rng& rng) {
@@ -349,7 +352,7 @@ tk_fused_ffn_params FusedFfnTest::params(const Bound& b) const {
   p.x = b(x);
   p.x_stride = x->stride(0);
   p.norm_weight = b(norm_weight);
-  p.eps = 1e-5f;
+  p.eps = kFfnEps;
   p.format = s_.format;
   p.weight_dtype = s_.weight_dtype;
   if (s_.format == TK_WEIGHTS_DENSE) {
@@ -389,7 +392,7 @@ void FusedFfnTest::compare(const Result& o, const Result& ref) const {
   for (int64_t t = 0; t < s_.T; ++t) {
     double ss = 0;
     for (int64_t k = 0; k < s_.D; ++k) ss += x->at({t, k}) * x->at({t, k});
-    const double inv = 1.0 / std::sqrt(ss / double(s_.D) + 1e-5);
+    const double inv = 1.0 / std::sqrt(ss / double(s_.D) + double(kFfnEps));
     for (int64_t k = 0; k < s_.D; ++k)
       h[size_t(k)] = round_to(d, float(x->at({t, k}) * inv * norm_weight->at({k})));
     for (int64_t f = 0; f < s_.F; ++f) {
