@@ -42,13 +42,26 @@ struct TimingOptions {
   bool memset_flush = false;
 };
 
+// How a kernel moves its bytes, which picks the bandwidth it is held to: one
+// that only reads (weights, a KV cache) cannot use write bandwidth, so its roof
+// is the streaming read; one that writes a separate output may also reach the
+// copy figure; one that updates in place may reach any of the three.
+enum class Traffic { kRead, kReadWrite, kInPlace };
+
 // What the machine can do, measured in the same run as the kernels.
 struct Peaks {
   double read_gbps = 0;   // streaming read
   double copy_gbps = 0;   // copy, counting read + write
   double update_gbps = 0; // in-place read-modify-write, counting read + write (host only)
-  double peak_gbps = 0;   // the best of them: the bandwidth roof
+  double peak_gbps = 0;   // the best of them
   double peak_tflops = 0;
+  // The bandwidth roof of a kernel with this traffic (see Traffic).
+  double gbps(Traffic t) const {
+    double r = read_gbps;
+    if (t != Traffic::kRead && copy_gbps > r) r = copy_gbps;
+    if (t == Traffic::kInPlace && update_gbps > r) r = update_gbps;
+    return r;
+  }
   std::string how;        // one line: how the roofs were measured
 };
 

@@ -55,6 +55,7 @@ struct Case {
   std::string dtype;
   double bytes = 0;    // 0: no meaning
   double flops = 0;    // 0: no meaning (element-wise ops)
+  Traffic traffic = Traffic::kRead;  // picks the bandwidth roof (set before the target)
   // A target for this row (issue 3/4 on CUDA, 80 % of bandwidth or the
   // llama.cpp figure on CPU), or empty.
   std::function<double(const Peaks&)> target_us;

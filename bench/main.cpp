@@ -148,7 +148,7 @@ void print_header(const Columns& col) {
 
 // Fraction of the roofline: the time the roofs allow over the time taken.
 double roof_fraction(const Case& c, const Measurement& m, const Peaks& pk, bool* memory_bound) {
-  const double t_mem = c.bytes > 0 ? c.bytes / (pk.peak_gbps * 1e9) : 0;
+  const double t_mem = c.bytes > 0 ? c.bytes / (pk.gbps(c.traffic) * 1e9) : 0;
   const double t_fp = c.flops > 0 && pk.peak_tflops > 0 ? c.flops / (pk.peak_tflops * 1e12) : 0;
   *memory_bound = t_mem >= t_fp;
   return std::max(t_mem, t_fp) / (m.median_us * 1e-6);
@@ -205,6 +205,7 @@ std::string row_json(const Row& r, const Peaks& pk) {
                   ", \"gbps\": " + json_num(c.bytes / s / 1e9, ok && c.bytes > 0) +
                   ", \"tflops\": " + json_num(c.flops / s / 1e12, ok && c.flops > 0) +
                   ", \"pct_peak\": " + json_num(roof * 100, ok) +
+                  ", \"roof_gbps\": " + json_num(pk.gbps(c.traffic)) +
                   ", \"bound\": " + (ok ? json_str(mem ? "memory" : "compute") : "null");
   const BaselineResult* first = r.baselines.empty() ? nullptr : &r.baselines[0];
   j += ", \"baseline\": " + (first ? json_str(first->name) : "null");
@@ -429,7 +430,9 @@ int bench(const Args& args) {
   std::printf("Device: %s (%s backend)\n", tk_context_device_name(ctx), dev->backend());
   std::printf("Memory: read %.1f GB/s, copy %.1f GB/s (read + write)", pk.read_gbps, pk.copy_gbps);
   if (pk.update_gbps > 0) std::printf(", in-place update %.1f GB/s (read + write)", pk.update_gbps);
-  std::printf(" -> roof %.1f GB/s\n", pk.peak_gbps);
+  std::printf("\n        roofs: %.1f GB/s for kernels that only read, %.1f for those writing a separate "
+              "output, %.1f in place\n",
+              pk.gbps(Traffic::kRead), pk.gbps(Traffic::kReadWrite), pk.gbps(Traffic::kInPlace));
   std::printf("Compute: %.3f TFLOP/s\n", pk.peak_tflops);
   std::printf("(%s; better of before and after the rows; GB = 1e9 bytes; median of repeats, %s "
               "before each)\n",
