@@ -99,18 +99,22 @@ struct DecodeConfig {
   static_assert(kSmemBytes * kCtasPerSm <= 224 * 1024, "shared memory of an H100 SM");
 };
 
-// Split until the grid fills one wave (kCtasPerSm CTAs per SM); a second,
-// partial wave would only add a tail. Each CTA of a split small batch then
-// requests all of its chunk's K/V at once, so every SM streams from the start.
+// Split a small batch until about 2 CTAs run per SM (never past the CTAs that
+// fit: a second, partial wave would only add a tail). Every SM then streams,
+// and each CTA has its chunk's K/V in flight within its first two steps. More
+// splits only make the merge longer (H100, B1 Hq32 Hkv8 ctx 4096, paged_tune:
+// decode + merge 14.2 / 14.1 / 14.8 us at 16 / 32 / 64 splits; decode alone
+// 11.7 / 11.5 / 12.0).
 constexpr int kMinChunk = 64;  // one step per warp (DecodeConfig::kRound)
 constexpr int kMaxSplits = 128;
+constexpr int kSplitCtasPerSm = 2;
 
 int64_t choose_splits(int64_t base_ctas, int64_t max_ctx, int num_sms, int ctas_per_sm) {
   const int64_t sms = num_sms > 0 ? num_sms : 1;
   // From one CTA per SM on, splitting only adds the merge (H100, B32 Hq32 Hkv8
-  // ctx 4096, 256 CTAs: 2.68 TB/s unsplit vs 2.59 split in two, CUDA-core kernel).
+  // ctx 4096, 256 CTAs, paged_tune: 185 us unsplit, 189 us split in two).
   if (base_ctas >= sms) return 1;
-  int64_t splits = ctas_per_sm * sms / base_ctas;
+  int64_t splits = std::min(kSplitCtasPerSm, ctas_per_sm) * sms / base_ctas;
   splits = std::min<int64_t>(splits, (max_ctx + kMinChunk - 1) / kMinChunk);
   return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
 }
@@ -501,15 +505,17 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
   static_assert(kMaxSplits <= 4 * 32, "one split per lane");
   __shared__ __align__(16) float red_o[4][D];
   __shared__ float red_m[4], red_l[4];
-#if __CUDA_ARCH__ >= 900
-  if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows_per_seq = a.max_q_len * a.num_q_heads;
   const int s = int(blockIdx.x / rows_per_seq);
   const int rr = int(blockIdx.x % rows_per_seq);
+  // The lengths are inputs, not the decode grid's outputs: they load while
+  // that grid still runs, so only one L2 round trip follows the wait.
   const SeqInfo si = seq_info(a, s);
   if (!si.ok || rr >= si.q_len * a.num_q_heads) return;  // uniform over the CTA
+#if __CUDA_ARCH__ >= 900
+  if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int i = rr / a.num_q_heads, h = rr % a.num_q_heads;
   const int vis = si.ctx - si.q_len + i + 1;
   const int n = min(a.splits, (vis + a.chunk - 1) / a.chunk);
@@ -520,7 +526,22 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
   const int64_t rows_total = a.total_q * a.num_q_heads;
   const int64_t row = tok * a.num_q_heads + h;
 
-  // An empty split has lse -inf, weight 0 and a zero partial row.
+  // A warp's first kBatch partial rows load together with the lse values
+  // (rows of splits past cnt are zeros, never loaded): up to 4 * kBatch splits
+  // cost one L2 round trip. An empty split has lse -inf, weight 0 and a zero row.
+  float x[kBatch][kPer];
+  auto load_batch = [&](int q0) {
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      if (q0 + q < cnt) {
+        ld_f32<kPer>(a.part_o + (int64_t(j0 + q0 + q) * rows_total + row) * D + lane * kPer, x[q]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) x[q][e] = 0.f;
+      }
+    }
+  };
+  load_batch(0);
   const float lj = lane < cnt ? a.part_lse[int64_t(j0 + lane) * rows_total + row] : -INFINITY;
   const float wmax = warp_max(lj);
   if (lane == 0) red_m[warp] = wmax;
@@ -533,16 +554,7 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
 #pragma unroll
   for (int e = 0; e < kPer; ++e) o[e] = 0.f;
   for (int q0 = 0; q0 < cnt; q0 += kBatch) {
-    float x[kBatch][kPer];
-#pragma unroll
-    for (int q = 0; q < kBatch; ++q) {
-      if (q0 + q < cnt) {
-        ld_f32<kPer>(a.part_o + (int64_t(j0 + q0 + q) * rows_total + row) * D + lane * kPer, x[q]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kPer; ++e) x[q][e] = 0.f;
-      }
-    }
+    if (q0 > 0) load_batch(q0);
 #pragma unroll
     for (int q = 0; q < kBatch; ++q) {
       // q0 + q < 32: cnt <= 32 and kBatch divides 32. Lanes past cnt weigh 0.
