@@ -13,6 +13,11 @@ set_target_properties(tiny_kernel PROPERTIES CUDA_ARCHITECTURES "${CMAKE_CUDA_AR
 file(GLOB TK_CUDA_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/src/cuda/*.cu)
 target_sources(tiny_kernel PRIVATE ${TK_CUDA_SOURCES})
 target_compile_definitions(tiny_kernel PRIVATE TK_HAVE_CUDA=1)
+# Kernels with Hopper-only instructions (wgmma, setmaxnreg) exist only in an
+# sm_90a build; host code dispatches to them only then.
+if("${CMAKE_CUDA_ARCHITECTURES}" MATCHES "90a")
+  target_compile_definitions(tiny_kernel PRIVATE TK_CUDA_SM90A=1)
+endif()
 target_compile_options(tiny_kernel PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills>)
 target_link_libraries(tiny_kernel PRIVATE CUDA::cudart_static CUDA::cublasLt)

@@ -1,6 +1,8 @@
 // flash_attention on CUDA: the FlashAttention-2 algorithm on sm_80 tensor-core
 // instructions (mma.sync m16n8k16, ldmatrix, cp.async), which run on Ampere, Ada
-// and Hopper alike.
+// and Hopper alike. On Hopper, calls the sm_90a kernel can take (head dim 64 /
+// 128, 16-byte aligned layouts) go to flash_attention_sm90.cu instead; this one
+// serves the rest and the TK_CUDA_PORTABLE path.
 //
 // One CTA owns kBlockM query rows of one (sequence, q head); each warp owns
 // 16 * kMTiles of those rows, so the softmax statistics of a row never leave
@@ -8,6 +10,7 @@
 // through shared memory: K(n+1) loads while P.V(n) runs and V(n) loads while
 // Q.K(n)^T runs. Scores live in the log2 domain with the scale folded in
 // (s * scale * log2 e), so each probability is one FFMA and one EX2.
+#include "cuda/attention/flash_sm90.h"
 #include "cuda/attention/primitives.cuh"
 #include "cuda/ops.h"
 
@@ -386,6 +389,9 @@ tk_status flash_attention(const tk_flash_attention_params& p, const Launch& l) {
                 "flash_attention: %lld heads x %lld sequences exceed the cuda grid (65535 each)",
                 (long long)p.num_q_heads, (long long)p.batch);
   if (p.total_q == 0 || p.max_seqlen_q == 0) return TK_OK;
+  // Hopper: the wgmma / TMA kernel (flash_attention_sm90.cu) when device and layout allow.
+  tk_status sm90_status;
+  if (flash_attention_sm90(p, l, &sm90_status)) return sm90_status;
   FlashArgs a{};
   a.q = p.q;
   a.k = p.k;

@@ -1,0 +1,448 @@
+// flash_attention on Hopper (sm_90a), the FlashAttention-3 way:
+//   - a producer warp issues TMA copies (128-byte swizzled tiles) of Q once and
+//     of K and V into a ring of kStages shared-memory stages, each guarded by a
+//     "full" mbarrier (copy landed) and an "empty" one (consumers done);
+//   - two consumer warpgroups own 64 query rows each and run
+//     S = Q K^T (wgmma, Q and K from shared memory) and O += P V (wgmma, P from
+//     registers, V from shared memory through the descriptor's transpose bit);
+//   - within a warpgroup the softmax of tile j overlaps the P V product of
+//     tile j - 1 (both in flight on the tensor cores), and the two warpgroups
+//     interleave on the SM's tensor cores on their own;
+//   - setmaxnreg moves registers from the producer to the consumers;
+//   - scores live in the log2 domain with the scale folded in (one FFMA + EX2).
+// Key tiles are visited last-to-first so the masked ones (sequence end, causal
+// diagonal) come first. Output goes through shared memory and plain 16-byte
+// stores bounded by the sequence (a TMA store would spill into the next
+// sequence of a variable-length batch).
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <algorithm>
+#include <climits>
+
+#include "cuda/attention/flash_sm90.h"
+#include "cuda/attention/hopper.cuh"
+#include "cuda/attention/primitives.cuh"
+
+namespace tk::cuda {
+namespace {
+
+using namespace attn;
+
+struct Sm90Args {
+  // [tokens, heads, D] tensors as 3-D tensor maps (D, heads, tokens) whose box
+  // is 64 columns (128 bytes, the swizzle span) x 1 head x a tile of rows.
+  CUtensorMap q_map, k_map, v_map;
+  void* out;
+  float* lse;  // [Hq, total_q] or null
+  int64_t o_tok, o_head;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int64_t total_q, total_k, max_q, max_k;
+  int group;  // Hq / Hkv
+  float scale_log2;
+  int causal;
+  unsigned int* error_flag;
+};
+
+// Tile shapes. wgmma's M is 64 per warpgroup, so two consumer warpgroups make
+// a 128-row query tile; 128-key tiles give each S = Q K^T wgmma N = 128. Per
+// consumer thread that is 64 score + D / 2 output + 32 probability registers,
+// within the 232 that setmaxnreg grants (3 warpgroups share 64K registers).
+// Shared memory: Q plus kStages K and V tiles (D 128: 32 + 2 x 64 KB; D 64
+// affords a third stage in 16 + 3 x 32 KB), plus 1 KB to align the swizzle
+// pattern to 1024 bytes.
+template <int D>
+struct Sm90Config {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr uint32_t kQBytes = kBlockM * D * 2;
+  static constexpr uint32_t kKVBytes = kBlockN * D * 2;
+  static constexpr int kSmemBytes = 1024 + int(kQBytes) + 2 * kStages * int(kKVBytes);
+  static_assert(D == 64 || D == 128, "the sm_90 kernel takes head dims 64 and 128");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
+#if TK_SM90A
+  using namespace attn::sm90;
+  using Cfg = Sm90Config<D>;
+  constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kS = Cfg::kStages;
+  constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
+  constexpr uint32_t kQBytes = Cfg::kQBytes, kKVBytes = Cfg::kKVBytes;
+  extern __shared__ unsigned char smem_raw[];
+  // q_full, k_full[kS], v_full[kS], k_empty[kS], v_empty[kS]
+  __shared__ __align__(8) uint64_t bars[1 + 4 * kS];
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal blocks first
+  const int tid = threadIdx.x;
+
+  const int64_t q0 = a.cu_q[b], q1 = a.cu_q[b + 1];
+  const int64_t k0 = a.cu_k[b], k1 = a.cu_k[b + 1];
+  if (!(0 <= q0 && q0 <= q1 && q1 <= a.total_q && q1 - q0 <= a.max_q && 0 <= k0 && k0 <= k1 &&
+        k1 <= a.total_k && k1 - k0 <= a.max_k)) {
+    if (tid == 0 && blockIdx.x == 0 && h == 0) raise_index_error(a.error_flag);
+    return;
+  }
+  const int len_q = int(q1 - q0), len_k = int(k1 - k0);
+  const int m_begin = m_block * kBM;
+  if (m_begin >= len_q) return;
+  const int kvh = h / a.group;
+  // Causal is aligned to the bottom right: row i sees keys j <= i + diag.
+  const int diag = len_k - len_q;
+  const int n_end = a.causal ? max(0, min(len_k, m_begin + kBM + diag)) : len_k;
+  const int n_tiles = (n_end + kBN - 1) / kBN;
+
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base;
+  auto sK = [&](int s) { return base + kQBytes + uint32_t(s) * kKVBytes; };
+  auto sV = [&](int s) { return base + kQBytes + uint32_t(kS + s) * kKVBytes; };
+  const uint32_t bar0 = smem_addr(bars);
+  const uint32_t q_full = bar0;
+  auto k_full = [&](int s) { return bar0 + 8u * uint32_t(1 + s); };
+  auto v_full = [&](int s) { return bar0 + 8u * uint32_t(1 + kS + s); };
+  auto k_empty = [&](int s) { return bar0 + 8u * uint32_t(1 + 2 * kS + s); };
+  auto v_empty = [&](int s) { return bar0 + 8u * uint32_t(1 + 3 * kS + s); };
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      mbar_init(k_full(s), 1);   // the producer's arrive.expect_tx; TMA bytes complete it
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), 8);  // lane 0 of each of the 8 consumer warps
+      mbar_init(v_empty(s), 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // Producer warpgroup: one thread issues every copy; the rest idle out.
+    regs_dealloc<Cfg::kProducerRegs>();
+    if (tid == 0) {
+      tma_prefetch_map(&a.q_map);
+      tma_prefetch_map(&a.k_map);
+      tma_prefetch_map(&a.v_map);
+      mbar_arrive_expect_tx(q_full, kQBytes);
+#pragma unroll
+      for (int c = 0; c < kBlocks; ++c)
+        tma_load_3d(sQ + uint32_t(c) * kBM * 128, &a.q_map, 64 * c, h, int(q0) + m_begin, q_full);
+      for (int i = 0; i < n_tiles; ++i) {
+        const int s = i % kS;
+        const int row = int(k0) + (n_tiles - 1 - i) * kBN;
+        // Fill i of stage s reuses it after fill i - kS was consumed.
+        const uint32_t empty_parity = uint32_t((i / kS) - 1) & 1u;
+        if (i >= kS) mbar_wait(k_empty(s), empty_parity);
+        mbar_arrive_expect_tx(k_full(s), kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kBlocks; ++c)
+          tma_load_3d(sK(s) + uint32_t(c) * kBN * 128, &a.k_map, 64 * c, kvh, row, k_full(s));
+        if (i >= kS) mbar_wait(v_empty(s), empty_parity);
+        mbar_arrive_expect_tx(v_full(s), kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kBlocks; ++c)
+          tma_load_3d(sV(s) + uint32_t(c) * kBN * 128, &a.v_map, 64 * c, kvh, row, v_full(s));
+      }
+    }
+    return;
+  }
+
+  // Consumer warpgroups.
+  regs_alloc<Cfg::kConsumerRegs>();
+  const int wg = tid / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
+  const int warp = (tid / 32) % 4, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = 64 * wg + 16 * warp + g;  // tile row of this thread's first row (+8: second)
+
+  // Descriptors. Q and K: K-major, a k16 step is +32 B within a 128-byte row,
+  // each 64-column block of the tile lies kRows * 128 B after the previous.
+  // V: MN-major (transposed), a k16 step is 16 rows = 2048 B; the second
+  // 64-column block is the instruction's leading byte offset.
+  const uint32_t sQw = sQ + uint32_t(wg) * 64 * 128;
+  auto q_desc = [&](int kk) {
+    return smem_desc(sQw + uint32_t(kk / 4) * kBM * 128 + uint32_t(kk % 4) * 32, 16, 1024);
+  };
+  auto k_desc = [&](int s, int kk) {
+    return smem_desc(sK(s) + uint32_t(kk / 4) * kBN * 128 + uint32_t(kk % 4) * 32, 16, 1024);
+  };
+  auto v_desc = [&](int s, int kk) {
+    return smem_desc(sV(s) + uint32_t(kk) * 16 * 128, kBN * 128, 1024);
+  };
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float s_acc[kBN / 2];             // S accumulators, 8-column chunk j in s_acc[4j .. 4j + 3]
+  uint32_t p[kBN / 16][4];          // P as the A operand of each k16 step of P V
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float alpha[2];
+
+  auto issue_qk = [&](int s) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n128<T>(s_acc, q_desc(kk), k_desc(s, kk), kk > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int s) {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_pv<T, D>(o, p[kk], v_desc(s, kk));
+    wgmma_commit();
+  };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
+  // leaves the probabilities in s_acc and the factor rescaling O in alpha.
+  auto softmax = [&](int n0) {
+    const bool need_mask = n0 + kBN > len_k ||
+                           (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = m_begin + row0 + 8 * (e / 2);
+          const int col = n0 + 8 * j + 2 * t + (e % 2);
+          if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+        mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
+      // A row with no visible key so far keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hr] = fast_exp2(row_max[hr] - m_use);
+      row_max[hr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+          s_acc[4 * j + e] = fast_exp2(s_acc[4 * j + e] * a.scale_log2 - m_use);
+          sum += s_acc[4 * j + e];
+        }
+      row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
+    }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      p[kk][0] = pack2<T>(s_acc[8 * kk + 0], s_acc[8 * kk + 1]);
+      p[kk][1] = pack2<T>(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
+      p[kk][2] = pack2<T>(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
+      p[kk][3] = pack2<T>(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
+    }
+  };
+  auto rescale_o = [&] {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j + 0] *= alpha[0];
+      o[4 * j + 1] *= alpha[0];
+      o[4 * j + 2] *= alpha[1];
+      o[4 * j + 3] *= alpha[1];
+    }
+  };
+
+  mbar_wait(q_full, 0);
+  if (n_tiles > 0) {
+    // Tile 0 (the last key tile): S, softmax, P.
+    mbar_wait(k_full(0), 0);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_wait<0>();
+    reg_fence(s_acc);
+    release(k_empty(0));
+    softmax((n_tiles - 1) * kBN);
+    pack_p();
+    // Tile i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) in flight together; the
+    // softmax of S(i) runs while P V finishes, then O is rescaled.
+    for (int i = 1; i < n_tiles; ++i) {
+      const int s = i % kS, ps = (i - 1) % kS;
+      mbar_wait(k_full(s), uint32_t(i / kS) & 1u);
+      mbar_wait(v_full(ps), uint32_t((i - 1) / kS) & 1u);
+      reg_fence(o);
+      reg_fence(p);
+      wgmma_fence();
+      issue_qk(s);
+      issue_pv(ps);
+      wgmma_wait<1>();
+      reg_fence(s_acc);
+      release(k_empty(s));
+      softmax((n_tiles - 1 - i) * kBN);
+      wgmma_wait<0>();
+      reg_fence(o);
+      release(v_empty(ps));
+      rescale_o();
+      pack_p();
+    }
+    const int ls = (n_tiles - 1) % kS;
+    mbar_wait(v_full(ls), uint32_t((n_tiles - 1) / kS) & 1u);
+    reg_fence(o);
+    reg_fence(p);
+    wgmma_fence();
+    issue_pv(ls);
+    wgmma_wait<0>();
+    reg_fence(o);
+    release(v_empty(ls));
+  }
+
+  // Epilogue: normalise, write lse, stage O (16-bit) in this warpgroup's own
+  // Q rows (same swizzle), then 16-byte stores of the rows inside the sequence.
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j + 2 * hr] *= inv;
+      o[4 * j + 2 * hr + 1] *= inv;
+    }
+    const int row = m_begin + row0 + 8 * hr;
+    if (a.lse && t == 0 && row < len_q)
+      a.lse[int64_t(h) * a.total_q + q0 + row] =
+          l > 0.f ? (row_max[hr] + __log2f(l)) * kLn2 : -INFINITY;
+  }
+  named_sync(1 + wg, 128);  // every warp of this warpgroup is done reading its Q rows
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = row0 + 8 * hr;
+      const uint32_t chunk = uint32_t((j % 8) ^ (r % 8));
+      st_shared4(sQ + uint32_t(j / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4) + t * 4,
+                 pack2<T>(o[4 * j + 2 * hr], o[4 * j + 2 * hr + 1]));
+    }
+  named_sync(1 + wg, 128);
+  T* out = static_cast<T*>(a.out) + q0 * a.o_tok + h * a.o_head;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int it = 0; it < 64 * kChunks / 128; ++it) {
+    const int i = (tid % 128) + it * 128;
+    const int r = 64 * wg + i / kChunks, c = i % kChunks;
+    const int row = m_begin + r;
+    const uint32_t chunk = uint32_t((c % 8) ^ (r % 8));
+    if (row < len_q)
+      st16(out + int64_t(row) * a.o_tok + c * 8,
+           ld_shared16(sQ + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
+  }
+#endif  // TK_SM90A
+}
+
+// cuTensorMapEncodeTiled from the driver the runtime already loaded, so the
+// library never links libcuda. Null when the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A [tokens, heads, D] 16-bit tensor as a (D, heads, tokens) tensor map with a
+// box of 64 columns x 1 head x `rows` tokens, 128-byte swizzled; rows past
+// `tokens` read as zeros.
+bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, int64_t heads,
+                  int64_t D, int64_t tok_stride, int64_t head_stride, int rows) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(heads), cuuint64_t(std::max<int64_t>(tokens, 1))};
+  const cuuint64_t strides[2] = {cuuint64_t(head_stride) * 2, cuuint64_t(tok_stride) * 2};
+  const cuuint32_t box[3] = {64, 1, cuuint32_t(rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return encode(map, dt == TK_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                3, const_cast<void*>(p), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int D>
+tk_status launch_sm90(const Sm90Args& a, int64_t batch, int64_t heads, int64_t max_q,
+                      const Launch& l) {
+  using Cfg = Sm90Config<D>;
+  auto kernel = flash_fwd_sm90_kernel<T, D>;
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (attr != cudaSuccess)
+    return fail(TK_ERR_BACKEND, "flash_attention: cannot reserve %d bytes of shared memory: %s",
+                Cfg::kSmemBytes, cudaGetErrorString(attr));
+  const dim3 grid(unsigned((max_q + Cfg::kBlockM - 1) / Cfg::kBlockM), unsigned(heads),
+                  unsigned(batch));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(a);
+  return check_launch("flash_attention");
+}
+
+}  // namespace
+
+bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, tk_status* status) {
+#if defined(TK_CUDA_SM90A)
+  if (l.portable || l.sm_major != 9 || l.sm_minor != 0) return false;
+  if (p.dtype != TK_F16 && p.dtype != TK_BF16) return false;
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  // TMA: 16-byte aligned bases and strides; the output's 16-byte stores too.
+  if (!heads_aligned16(p.q, p.q_token_stride, p.q_head_stride) ||
+      !heads_aligned16(p.k, p.k_token_stride, p.k_head_stride) ||
+      !heads_aligned16(p.v, p.v_token_stride, p.v_head_stride) ||
+      !heads_aligned16(p.out, p.out_token_stride, p.out_head_stride))
+    return false;
+  if (p.total_q > INT_MAX || p.total_k > INT_MAX) return false;  // TMA coordinates are int32
+  Sm90Args a{};
+  constexpr int kRows = 128;  // Sm90Config<D>::kBlockM == kBlockN for both head dims
+  static_assert(Sm90Config<64>::kBlockM == kRows && Sm90Config<64>::kBlockN == kRows &&
+                    Sm90Config<128>::kBlockM == kRows && Sm90Config<128>::kBlockN == kRows,
+                "one box height for Q, K and V");
+  if (!encode_heads(&a.q_map, p.dtype, p.q, p.total_q, p.num_q_heads, p.head_dim, p.q_token_stride,
+                    p.q_head_stride, kRows) ||
+      !encode_heads(&a.k_map, p.dtype, p.k, p.total_k, p.num_kv_heads, p.head_dim,
+                    p.k_token_stride, p.k_head_stride, kRows) ||
+      !encode_heads(&a.v_map, p.dtype, p.v, p.total_k, p.num_kv_heads, p.head_dim,
+                    p.v_token_stride, p.v_head_stride, kRows))
+    return false;
+  a.out = p.out;
+  a.lse = p.lse;
+  a.o_tok = p.out_token_stride;
+  a.o_head = p.out_head_stride;
+  a.cu_q = p.cu_seqlens_q;
+  a.cu_k = p.cu_seqlens_k;
+  a.total_q = p.total_q;
+  a.total_k = p.total_k;
+  a.max_q = p.max_seqlen_q;
+  a.max_k = p.max_seqlen_k;
+  a.group = int(p.num_q_heads / p.num_kv_heads);
+  a.scale_log2 = p.scale * kLog2e;
+  a.causal = p.causal != 0;
+  a.error_flag = l.error_flag;
+  const bool f16 = p.dtype == TK_F16;
+  if (p.head_dim == 64)
+    *status = f16 ? launch_sm90<__half, 64>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l)
+                  : launch_sm90<__nv_bfloat16, 64>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l);
+  else
+    *status = f16 ? launch_sm90<__half, 128>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l)
+                  : launch_sm90<__nv_bfloat16, 128>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l);
+  return true;
+#else
+  (void)p;
+  (void)l;
+  (void)status;
+  return false;
+#endif
+}
+
+}  // namespace tk::cuda

@@ -1,0 +1,50 @@
+// flash_attention cases aimed at the Hopper kernel (src/cuda/flash_attention_sm90.cu):
+// 128 x 128 tiles, a ring of K/V stages, key tiles visited last-to-first. The
+// shared harness's FlashAttention suite covers the small shapes; these add many
+// tiles (ring wrap-around, stage reuse), partial last tiles, key/query lengths
+// that differ, variable-length batches whose tiles straddle sequences, and
+// layouts TMA cannot take (they must still be right through the portable
+// kernel). The cases are costly for the host backends' reference run, so most
+// run on CUDA only (cases_for drops them elsewhere).
+#include "ops.h"
+
+namespace tk::test {
+namespace {
+
+std::vector<Case> flash_sm90_cases() {
+  std::vector<Case> cases;
+  auto add = [&](FlashShape f) { cases.push_back(make_case<FlashTest>(f)); };
+  // Many tiles, a partial last one: 9 key tiles through a 2- (D 128) or 3-stage (D 64) ring.
+  add(FlashShape{TK_BF16, 4, 1, 128, {{1030, 1030}}, true, true});
+  add(FlashShape{TK_F16, 4, 1, 64, {{1030, 1030}}, true, true});
+  // Keys outnumber queries (bottom-right causal diagonal), and the reverse.
+  add(FlashShape{TK_F16, 2, 2, 128, {{300, 1100}}, true, true});
+  add(FlashShape{TK_BF16, 2, 1, 64, {{700, 1500}}, false, true});
+  add(FlashShape{TK_BF16, 2, 2, 128, {{640, 200}}, true, true});
+  // Variable length: tiles that run past a sequence's end into the next one,
+  // an empty query, an empty key range.
+  add(FlashShape{TK_BF16, 4, 2, 128, {{129, 129}, {1, 300}, {600, 450}, {0, 7}, {255, 256}, {5, 0}},
+                 true, true});
+  add(FlashShape{TK_F16, 8, 2, 64, {{257, 513}, {128, 128}, {383, 129}}, false, false});
+  // Large logits (+-100): the running max moves across tiles.
+  {
+    FlashShape f{TK_BF16, 2, 1, 128, {{513, 900}}, true, true};
+    f.qk_range = 10;
+    add(f);
+  }
+  // Padded strides (16-byte aligned: TMA) and head-major q / out.
+  {
+    FlashShape f{TK_F16, 4, 2, 128, {{384, 384}}, true, true, Layout::Strided};
+    f.head_major = true;
+    add(f);
+  }
+  // Layouts TMA cannot take: an odd row pad and a base one element off. The
+  // portable kernel serves them on Hopper too.
+  add(FlashShape{TK_BF16, 4, 2, 128, {{300, 300}}, true, true, Layout::Odd});
+  add(FlashShape{TK_F16, 2, 1, 64, {{300, 333}}, false, true, Layout::Offset});
+  return cases;
+}
+TK_OP_SUITE(FlashAttentionSm90, flash_sm90_cases);
+
+}  // namespace
+}  // namespace tk::test
