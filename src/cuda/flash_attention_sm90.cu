@@ -7,7 +7,8 @@
 //     registers, V from shared memory through the descriptor's transpose bit);
 //   - within a warpgroup the softmax of tile j overlaps the P V product of
 //     tile j - 1 (both in flight on the tensor cores), and the two warpgroups
-//     interleave on the SM's tensor cores on their own;
+//     take turns issuing their products (named barriers), so one's softmax
+//     overlaps the other's matrix work;
 //   - setmaxnreg moves registers from the producer to the consumers;
 //   - scores live in the log2 domain with the scale folded in (one FFMA + EX2).
 // Key tiles are visited last-to-first so the masked ones (sequence end, causal
@@ -51,11 +52,14 @@ struct Sm90Args {
 // Shared memory: Q plus kStages K and V tiles (D 128: 32 + 2 x 64 KB; D 64
 // affords a third stage in 16 + 3 x 32 KB), plus 1 KB to align the swizzle
 // pattern to 1024 bytes.
+#ifndef TK_FA_SM90_STAGES_D128  // experiment knob: K/V stages at head dim 128 (2 or 3 fit)
+#define TK_FA_SM90_STAGES_D128 2
+#endif
 template <int D>
 struct Sm90Config {
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kStages = D == 64 ? 3 : TK_FA_SM90_STAGES_D128;
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
@@ -254,12 +258,23 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
     }
   };
 
+  // The two warpgroups take turns issuing their wgmmas (named barriers 3 and
+  // 4, FlashAttention-3's ping-pong): one's softmax then runs while the
+  // other's products occupy the tensor cores. Warpgroup 0 goes first; each
+  // issues n_tiles + 1 batches, and warpgroup 1 skips its last hand-over so
+  // no barrier is left half-arrived.
+  auto my_turn = [&] { named_sync(3 + wg, 256); };
+  auto your_turn = [&] { named_arrive(4 - wg, 256); };
+
   mbar_wait(q_full, 0);
   if (n_tiles > 0) {
+    if (wg == 1) named_arrive(3, 256);
     // Tile 0 (the last key tile): S, softmax, P.
     mbar_wait(k_full(0), 0);
+    my_turn();
     wgmma_fence();
     issue_qk(0);
+    your_turn();
     wgmma_wait<0>();
     reg_fence(s_acc);
     release(k_empty(0));
@@ -273,9 +288,11 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
       mbar_wait(v_full(ps), uint32_t((i - 1) / kS) & 1u);
       reg_fence(o);
       reg_fence(p);
+      my_turn();
       wgmma_fence();
       issue_qk(s);
       issue_pv(ps);
+      your_turn();
       wgmma_wait<1>();
       reg_fence(s_acc);
       release(k_empty(s));
@@ -290,8 +307,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
     mbar_wait(v_full(ls), uint32_t((n_tiles - 1) / kS) & 1u);
     reg_fence(o);
     reg_fence(p);
+    my_turn();
     wgmma_fence();
     issue_pv(ls);
+    if (wg == 0) your_turn();
     wgmma_wait<0>();
     reg_fence(o);
     release(v_empty(ls));
