@@ -2,11 +2,11 @@
 //   - a producer warp issues TMA copies (128-byte swizzled tiles) of Q once and
 //     of K and V into a ring of kStages shared-memory stages, each guarded by a
 //     "full" mbarrier (copy landed) and an "empty" one (consumers done);
-//   - two consumer warpgroups own 64 query rows each and run
+//   - two (head dim 128) or three (64) consumer warpgroups own 64 query rows each and run
 //     S = Q K^T (wgmma, Q and K from shared memory) and O += P V (wgmma, P from
 //     registers, V from shared memory through the descriptor's transpose bit);
 //   - within a warpgroup the softmax of tile j overlaps the P V product of
-//     tile j - 1 (both in flight on the tensor cores), and the two warpgroups
+//     tile j - 1 (both in flight on the tensor cores), and the warpgroups
 //     take turns issuing their products (named barriers), so one's softmax
 //     overlaps the other's matrix work;
 //   - setmaxnreg moves registers from the producer to the consumers;
@@ -45,36 +45,40 @@ struct Sm90Args {
   unsigned int* error_flag;
 };
 
-// Tile shapes. wgmma's M is 64 per warpgroup, so two consumer warpgroups make
-// a 128-row query tile; 128-key tiles give each S = Q K^T wgmma N = 128. Per
-// consumer thread that is 64 score + D / 2 output + 32 probability registers,
-// within the 232 that setmaxnreg grants (3 warpgroups share 64K registers).
-// Shared memory: Q plus kStages K and V tiles (D 128: 32 + 2 x 64 KB; D 64
-// affords a third stage in 16 + 3 x 32 KB), plus 1 KB to align the swizzle
-// pattern to 1024 bytes.
-#ifndef TK_FA_SM90_STAGES_D128  // experiment knob: K/V stages at head dim 128 (2 or 3 fit)
-#define TK_FA_SM90_STAGES_D128 2
-#endif
+// Tile shapes. wgmma's M is 64 per consumer warpgroup; 128-key tiles give
+// each S = Q K^T wgmma N = 128. Per consumer thread that is 64 score + D / 2
+// output + 32 probability registers. D 128: two consumer warpgroups (128
+// query rows) at 232 registers each. D 64 has half the matrix work per
+// exponential, so the special-function unit is as busy as the tensor cores;
+// three consumer warpgroups (192 rows, FlashAttention-3's choice) give the
+// scheduler more to overlap, at 160 registers each (4 warpgroups share 64K).
+// Shared memory: Q plus kStages K and V tiles (D 128: 32 + 2 x 64 KB; D 64:
+// 24 + 3 x 32 KB), plus 1 KB to align the swizzle pattern to 1024 bytes.
+// (A third stage at D 128 measured the same on H100, 2026-11-25.)
 template <int D>
 struct Sm90Config {
-  static constexpr int kBlockM = 128;
+  static constexpr int kConsumers = D == 64 ? 3 : 2;  // consumer warpgroups
+  static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = D == 64 ? 3 : TK_FA_SM90_STAGES_D128;
-  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
+  static constexpr int kProducerRegs = D == 64 ? 32 : 40;
+  static constexpr int kConsumerRegs = D == 64 ? 160 : 232;
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;
   static constexpr int kSmemBytes = 1024 + int(kQBytes) + 2 * kStages * int(kKVBytes);
   static_assert(D == 64 || D == 128, "the sm_90 kernel takes head dims 64 and 128");
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
+__global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
 #if TK_SM90A
   using namespace attn::sm90;
   using Cfg = Sm90Config<D>;
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kS = Cfg::kStages;
+  constexpr int kWG = Cfg::kConsumers;
   constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
   constexpr uint32_t kQBytes = Cfg::kQBytes, kKVBytes = Cfg::kKVBytes;
   extern __shared__ unsigned char smem_raw[];
@@ -118,8 +122,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
     for (int s = 0; s < kS; ++s) {
       mbar_init(k_full(s), 1);   // the producer's arrive.expect_tx; TMA bytes complete it
       mbar_init(v_full(s), 1);
-      mbar_init(k_empty(s), 8);  // lane 0 of each of the 8 consumer warps
-      mbar_init(v_empty(s), 8);
+      mbar_init(k_empty(s), 4 * kWG);  // lane 0 of each consumer warp
+      mbar_init(v_empty(s), 4 * kWG);
     }
     mbar_init_fence();
   }
@@ -158,7 +162,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
 
   // Consumer warpgroups.
   regs_alloc<Cfg::kConsumerRegs>();
-  const int wg = tid / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
+  const int wg = tid / 128 - 1;  // rows 64 wg .. 64 wg + 63 of the tile
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int row0 = 64 * wg + 16 * warp + g;  // tile row of this thread's first row (+8: second)
@@ -258,17 +262,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
     }
   };
 
-  // The two warpgroups take turns issuing their wgmmas (named barriers 3 and
-  // 4, FlashAttention-3's ping-pong): one's softmax then runs while the
-  // other's products occupy the tensor cores. Warpgroup 0 goes first; each
-  // issues n_tiles + 1 batches, and warpgroup 1 skips its last hand-over so
-  // no barrier is left half-arrived.
-  auto my_turn = [&] { named_sync(3 + wg, 256); };
-  auto your_turn = [&] { named_arrive(4 - wg, 256); };
+  // The warpgroups take turns issuing their wgmmas, round robin (named
+  // barriers 4 + wg, FlashAttention-3's ping-pong): one's softmax then runs
+  // while the others' products occupy the tensor cores. Warpgroup 0 goes
+  // first; each issues n_tiles + 1 batches, and the last warpgroup skips its
+  // last hand-over so no barrier is left half-arrived.
+  auto my_turn = [&] { named_sync(4 + wg, 256); };
+  auto your_turn = [&] { named_arrive(4 + (wg + 1) % kWG, 256); };
 
   mbar_wait(q_full, 0);
   if (n_tiles > 0) {
-    if (wg == 1) named_arrive(3, 256);
+    if (wg == kWG - 1) named_arrive(4, 256);
     // Tile 0 (the last key tile): S, softmax, P.
     mbar_wait(k_full(0), 0);
     my_turn();
@@ -310,7 +314,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90_kernel(const __grid_con
     my_turn();
     wgmma_fence();
     issue_pv(ls);
-    if (wg == 0) your_turn();
+    if (wg != kWG - 1) your_turn();
     wgmma_wait<0>();
     reg_fence(o);
     release(v_empty(ls));
@@ -423,16 +427,16 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
     return false;
   if (p.total_q > INT_MAX || p.total_k > INT_MAX) return false;  // TMA coordinates are int32
   Sm90Args a{};
-  constexpr int kRows = 128;  // Sm90Config<D>::kBlockM == kBlockN for both head dims
-  static_assert(Sm90Config<64>::kBlockM == kRows && Sm90Config<64>::kBlockN == kRows &&
-                    Sm90Config<128>::kBlockM == kRows && Sm90Config<128>::kBlockN == kRows,
-                "one box height for Q, K and V");
+  constexpr int kKeyRows = 128;
+  static_assert(Sm90Config<64>::kBlockN == kKeyRows && Sm90Config<128>::kBlockN == kKeyRows,
+                "one box height for K and V");
+  const int q_rows = p.head_dim == 64 ? Sm90Config<64>::kBlockM : Sm90Config<128>::kBlockM;
   if (!encode_heads(&a.q_map, p.dtype, p.q, p.total_q, p.num_q_heads, p.head_dim, p.q_token_stride,
-                    p.q_head_stride, kRows) ||
+                    p.q_head_stride, q_rows) ||
       !encode_heads(&a.k_map, p.dtype, p.k, p.total_k, p.num_kv_heads, p.head_dim,
-                    p.k_token_stride, p.k_head_stride, kRows) ||
+                    p.k_token_stride, p.k_head_stride, kKeyRows) ||
       !encode_heads(&a.v_map, p.dtype, p.v, p.total_k, p.num_kv_heads, p.head_dim,
-                    p.v_token_stride, p.v_head_stride, kRows))
+                    p.v_token_stride, p.v_head_stride, kKeyRows))
     return false;
   a.out = p.out;
   a.lse = p.lse;
