@@ -237,6 +237,7 @@ struct FlashShape {
   Layout layout = Layout::Contiguous;
   bool head_major = false;  // q and out stored [H, total, Dh]
   double qk_range = 1;      // q, k uniform in +-qk_range; 10 gives logits near +-100
+  int64_t pad_k = 0;        // rows of k and v past the last sequence, all NaN (no sequence owns them)
   std::string name() const;
 };
 class FlashTest : public OpTestOf<tk_flash_attention_params> {

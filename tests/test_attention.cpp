@@ -309,7 +309,8 @@ TK_OP_SUITE(AttnFront, attn_front_cases);
 std::string FlashShape::name() const {
   return tag(dtype) + tag("_Hq", Hq) + tag("_Hkv", Hkv) + tag("_Dh", Dh) + seqs_tag("seqs", seqs) +
          (causal ? "_causal" : "_full") + (lse ? "_lse" : "") + layout_spec(layout).tag +
-         (head_major ? "_headmajor" : "") + (qk_range > 3 ? "_logits100" : "");
+         (head_major ? "_headmajor" : "") + (qk_range > 3 ? "_logits100" : "") +
+         (pad_k ? tag("_padNaN", pad_k) : "");
 }
 
 FlashTest::FlashTest(FlashShape s) : s_(s) {
@@ -319,6 +320,7 @@ FlashTest::FlashTest(FlashShape s) : s_(s) {
     max_q = std::max(max_q, lq);
     max_k = std::max(max_k, lk);
   }
+  total_k += s_.pad_k;
 }
 
 double FlashTest::cost() const {
@@ -338,6 +340,12 @@ void FlashTest::build(Rng& rng) {
   q->fill(rng, -s_.qk_range, s_.qk_range);
   k->fill(rng, -s_.qk_range, s_.qk_range);
   v->fill(rng, -1, 1);
+  for (int64_t t = total_k - s_.pad_k; t < total_k; ++t)
+    for (int64_t h = 0; h < s_.Hkv; ++h)
+      for (int64_t d = 0; d < s_.Dh; ++d) {
+        k->put({t, h, d}, std::nan(""));
+        v->put({t, h, d}, std::nan(""));
+      }
   const int64_t b = int64_t(s_.seqs.size());
   cu_q = add(Tensor("cu_seqlens_q", Elem::I32, Role::In, {b + 1}));
   cu_k = add(Tensor("cu_seqlens_k", Elem::I32, Role::In, {b + 1}));

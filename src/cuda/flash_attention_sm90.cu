@@ -266,7 +266,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // barriers 4 + wg, FlashAttention-3's ping-pong): one's softmax then runs
   // while the others' products occupy the tensor cores. Warpgroup 0 goes
   // first; each issues n_tiles + 1 batches, and the last warpgroup skips its
-  // last hand-over so no barrier is left half-arrived.
+  // last hand-over so no barrier is left half-arrived. (Barriers 1 .. kWG:
+  // each warpgroup's epilogue; 7: all consumers, once, after tile 0.)
   auto my_turn = [&] { named_sync(4 + wg, 256); };
   auto your_turn = [&] { named_arrive(4 + (wg + 1) % kWG, 256); };
 
@@ -284,6 +285,24 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     release(k_empty(0));
     softmax((n_tiles - 1) * kBN);
     pack_p();
+    // The box of the last key tile runs past the sequence's end into the next
+    // sequence's rows (or padding rows past the last one). Their scores are
+    // masked, but P = 0 times a NaN or inf there would still reach O, so those
+    // V rows become zeros before any warpgroup multiplies by them. A row of
+    // the tile is 128 contiguous bytes in each 64-column block (the swizzle
+    // only permutes chunks within a row).
+    const int tail = len_k - (n_tiles - 1) * kBN;  // valid rows of the tile, CTA-uniform
+    if (tail < kBN) {
+      mbar_wait(v_full(0), 0);
+      constexpr int kRowChunks = 128 / 16;
+      for (int i = tid - 128; i < (kBN - tail) * kBlocks * kRowChunks; i += 128 * kWG) {
+        const int r = tail + i / (kBlocks * kRowChunks), c = (i / kRowChunks) % kBlocks;
+        st_shared16(sV(0) + uint32_t(c) * kBN * 128 + uint32_t(r) * 128 + (i % kRowChunks) * 16,
+                    make_uint4(0, 0, 0, 0));
+      }
+      fence_proxy_async();
+      named_sync(7, 128 * kWG);
+    }
     // Tile i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) in flight together; the
     // softmax of S(i) runs while P V finishes, then O is rescaled.
     for (int i = 1; i < n_tiles; ++i) {

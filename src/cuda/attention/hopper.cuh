@@ -54,6 +54,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
+// Orders this thread's ordinary shared-memory stores before later reads by
+// the async proxy (wgmma operands, TMA); a barrier must still follow.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------
 // TMA: a box of a tensor described by a CUtensorMap (kernel parameter, so
 // __grid_constant__) copied into shared memory, completing on an mbarrier.
