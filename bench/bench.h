@@ -55,6 +55,7 @@ struct Peaks {
   double update_gbps = 0; // in-place read-modify-write, counting read + write (host only)
   double peak_gbps = 0;   // the best of them
   double peak_tflops = 0;
+  double launch_us = 0;   // GPU: an empty kernel timed like every row (the floor under small ones)
   // The bandwidth roof of a kernel with this traffic (see Traffic).
   double gbps(Traffic t) const {
     double r = read_gbps;

@@ -423,6 +423,8 @@ int bench(const Args& args) {
   pk.update_gbps = std::max(pk.update_gbps, again.update_gbps);
   pk.peak_gbps = std::max(pk.peak_gbps, again.peak_gbps);
   pk.peak_tflops = std::max(pk.peak_tflops, again.peak_tflops);
+  if (again.launch_us > 0 && (pk.launch_us == 0 || again.launch_us < pk.launch_us))
+    pk.launch_us = again.launch_us;
   for (Row& r : rows)
     if (r.c->target_us) r.target_us = r.c->target_us(pk);
 
@@ -434,6 +436,9 @@ int bench(const Args& args) {
               "output, %.1f in place\n",
               pk.gbps(Traffic::kRead), pk.gbps(Traffic::kReadWrite), pk.gbps(Traffic::kInPlace));
   std::printf("Compute: %.3f TFLOP/s\n", pk.peak_tflops);
+  if (pk.launch_us > 0)
+    std::printf("Launch floor: an empty kernel takes %.2f us, timed as every row is\n",
+                pk.launch_us);
   std::printf("(%s; better of before and after the rows; GB = 1e9 bytes; median of repeats, %s "
               "before each)\n",
               pk.how.c_str(),
@@ -461,14 +466,14 @@ int bench(const Args& args) {
     std::fprintf(f,
                  "{\n  \"date\": %s,\n  \"device\": {\"backend\": %s, \"name\": %s, "
                  "\"peak_gbps\": %s, \"peak_tflops\": %s, \"read_gbps\": %s, \"copy_gbps\": %s, "
-                 "\"update_gbps\": %s, "
+                 "\"update_gbps\": %s, \"launch_us\": %s, "
                  "\"how\": %s, \"flush\": %s},\n  \"results\": [\n",
                  json_str(date).c_str(), json_str(dev->backend()).c_str(),
                  json_str(tk_context_device_name(ctx)).c_str(), json_num(pk.peak_gbps).c_str(),
                  json_num(pk.peak_tflops, pk.peak_tflops > 0).c_str(),
                  json_num(pk.read_gbps).c_str(), json_num(pk.copy_gbps).c_str(),
                  json_num(pk.update_gbps, pk.update_gbps > 0).c_str(),
-                 json_str(pk.how).c_str(),
+                 json_num(pk.launch_us, pk.launch_us > 0).c_str(), json_str(pk.how).c_str(),
                  json_str(!cuda ? "caches" : args.memset_flush ? "memset" : "read").c_str());
     for (size_t i = 0; i < rows.size(); ++i)
       std::fprintf(f, "    %s%s\n", row_json(rows[i], pk).c_str(), i + 1 < rows.size() ? "," : "");
