@@ -179,22 +179,21 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
     ss[tt] += __shfl_xor_sync(0xffffffffu, ss[tt], 1);
     ss[tt] += __shfl_xor_sync(0xffffffffu, ss[tt], 2);
   }
-  if (ksplit > 1) {  // uniform per block
+  if (ksplit > 1) {  // uniform per block: the products and the sums of squares together
+    float v[kTT][5];
 #pragma unroll
     for (int tt = 0; tt < kTT; ++tt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) red[warp][tt * 5 + i][lane] = acc[tt][i];
-      red[warp][tt * 5 + 4][lane] = ss[tt];
+      for (int i = 0; i < 4; ++i) v[tt][i] = acc[tt][i];
+      v[tt][4] = ss[tt];
     }
-    __syncthreads();
-    if (kpart == 0)
-      for (int j = 1; j < ksplit; ++j)
+    ksplit_sum(v, red, ksplit, kpart);
 #pragma unroll
-        for (int tt = 0; tt < kTT; ++tt) {
+    for (int tt = 0; tt < kTT; ++tt) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[tt][i] += red[warp + j][tt * 5 + i][lane];
-          ss[tt] += red[warp + j][tt * 5 + 4][lane];
-        }
+      for (int i = 0; i < 4; ++i) acc[tt][i] = v[tt][i];
+      ss[tt] = v[tt][4];
+    }
   }
   if (kpart != 0) return;
 #pragma unroll

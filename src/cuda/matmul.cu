@@ -132,19 +132,7 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
       }
     }
   }
-  if (ksplit > 1) {  // uniform per block
-#pragma unroll
-    for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) red[warp][tt * 4 + i][lane] = acc[tt][i];
-    __syncthreads();
-    if (kpart == 0)
-      for (int j = 1; j < ksplit; ++j)
-#pragma unroll
-        for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[tt][i] += red[warp + j][tt * 4 + i][lane];
-  }
+  ksplit_sum(acc, red, ksplit, kpart);
   if (kpart != 0) return;
   // c0, c1: row g, tokens 2t4, 2t4 + 1; c2, c3: row g + 8.
 #pragma unroll

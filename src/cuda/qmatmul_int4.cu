@@ -4,6 +4,7 @@
 //   (qmma.cuh), 16 rows x 8 tokens per mma, for every T.
 //   Otherwise (f32 activations, groups of 32/64, unaligned): the CUDA-core
 //   loop of matvec.cuh, each lane streaming 16-byte chunks of four rows.
+#include "cuda/attention/primitives.cuh"
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
 #include "cuda/qmma.cuh"
@@ -135,7 +136,9 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
       const int src = (lane & ~3) | u;
       const uint32_t sc = __shfl_sync(0xffffffffu, scales, src), zc = __shfl_sync(0xffffffffu, zeros, src);
       float c[kTT][4] = {};
-      qmma_group<Ta, kTT>(wa[u], wb[u], zc & 0xFFFFu, zc >> 16, xr, int64_t(gi) * 128 * int64_t(sizeof(Ta)), c);
+      const int64_t xoff = int64_t(gi) * 128 * int64_t(sizeof(Ta));
+      qmma_group<Ta, kTT>(wa[u], wb[u], zc & 0xFFFFu, zc >> 16,
+                          [&xr, xoff](int tt, int w) { return ld16(xr[tt] + xoff + 16 * w); }, c);
       const float fa = qmma_scale(uint16_t(sc), bf16s), fb = qmma_scale(uint16_t(sc >> 16), bf16s);
 #pragma unroll
       for (int tt = 0; tt < kTT; ++tt) {
@@ -154,19 +157,7 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
         if (s0 + u * ksplit < ngroups) group(u);
     }
   }
-  if (ksplit > 1) {  // uniform per block
-#pragma unroll
-    for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) red[warp][tt * 4 + i][lane] = acc[tt][i];
-    __syncthreads();
-    if (kpart == 0)
-      for (int j = 1; j < ksplit; ++j)
-#pragma unroll
-        for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[tt][i] += red[warp + j][tt * 4 + i][lane];
-  }
+  ksplit_sum(acc, red, ksplit, kpart);
   if (kpart != 0) return;
   // c0, c1: row g, tokens 2t4, 2t4 + 1; c2, c3: row g + 8.
 #pragma unroll
@@ -195,9 +186,313 @@ tk_status launch_qmma(const tk_qmatmul_int4_params& p, const Launch& l) {
   return check_launch("qmatmul_int4");
 }
 
+// ---- decode path (T <= 8): a persistent grid streaming through a ring ----
+// One block per SM owns a contiguous range of 16-row tiles (at most
+// kQsMaxTiles); its 8 warps split K, and the block reads each tile's rows
+// front to back together. Each warp copies its weights with cp.async into its
+// own part of a shared-memory ring `stages` items deep (an item: kSteps
+// adjacent groups of 16 rows), so it keeps stages - 1 items in flight while it
+// dequantises one, across tile boundaries: the SM's stream of requests never
+// stops for the arithmetic.
+// The copies read whole 128-byte lines: a warp's 16-byte copies cover 4 rows x
+// 128 contiguous bytes (kSteps = 2) per instruction. The qmma lane layout read
+// straight from global memory (8 rows x 64 bytes per instruction, the
+// short-block kernel above) measured 1.5 TB/s however deep the ring.
+// A warp reads back only what it copied, so the ring needs __syncwarp, not
+// block barriers. Staged once per block: x (16-byte chunks swizzled so that a
+// warp's B-fragment reads hit distinct banks) and the range's scales and zero
+// codes (one word per row and group, rows padded to an odd word count).
+// Everything here is sm_80 PTX (cp.async, mma.sync): the portable path too.
+constexpr int kQsMaxStages = 8;  // ring items per warp
+constexpr int kQsMaxTiles = 8;   // row tiles per block (shared-memory tables)
+// One ring item of all warps: 16 rows x kSteps groups x 64 bytes per warp.
+template <int kSteps, int kWarps>
+constexpr uint32_t qs_item_bytes() { return uint32_t(kWarps) * 16 * kSteps * 64; }
+
+struct QsPlan {
+  int ksplit_log2;  // warps per tile: 1 << ksplit_log2
+  int stages;       // ring depth in items, 2..kQsMaxStages
+  int x_rows;       // tokens staged: min(T, 8); token slot g reads row min(g, x_rows - 1)
+  int sc_stride;    // words per row of the scale table
+  uint32_t x_off, sc_off, red_off;  // shared-memory offsets (the ring is at 0)
+};
+
+// Position of 16-byte chunk c of staged x row `tok`: chunk c holds k 8c .. 8c + 7.
+// A warp's B-fragment read for (group, word w) touches chunks 16 gi + 4 t4 + w
+// of rows g: t4 = 0 and 2 would share banks (64 bytes apart) and so would
+// neighbouring rows; the xor spreads the 8 lanes of each quarter-warp over the
+// 8 16-byte bank groups.
+__device__ __forceinline__ uint32_t qs_xchunk(uint32_t c, uint32_t tok) {
+  return c ^ (((c >> 2) & 2u) | (tok & 1u));
+}
+
+// Byte offset of 16-byte chunk c (of 4 kSteps) of row `row` in a warp's ring
+// item [16 rows][kSteps x 64 bytes]: odd rows swap the halves of each 128
+// bytes, so rows g and g + 1 (one quarter-warp of qmma lanes) read
+// different banks.
+template <int kSteps>
+__device__ __forceinline__ uint32_t qs_wchunk(uint32_t row, uint32_t c) {
+  return row * (kSteps * 64) + ((c ^ ((row & 1u) << 2)) * 16);
+}
+
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  switch (pending) {  // uniform: the ring depth
+    case 0: attn::cp_async_wait<0>(); break;
+    case 1: attn::cp_async_wait<1>(); break;
+    case 2: attn::cp_async_wait<2>(); break;
+    case 3: attn::cp_async_wait<3>(); break;
+    case 4: attn::cp_async_wait<4>(); break;
+    case 5: attn::cp_async_wait<5>(); break;
+    case 6: attn::cp_async_wait<6>(); break;
+    default: attn::cp_async_wait<7>(); break;
+  }
+}
+
+template <class Ta, int kSteps, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    qstream_kernel(tk_qmatmul_int4_params p, QsPlan pl) {
+  using attn::cp_async16;
+  using attn::ld_shared16;
+  constexpr int kQsWarps = kWarps, kQsThreads = kWarps * 32;
+  constexpr uint32_t kItem = qs_item_bytes<kSteps, kWarps>(), kWarpItem = kItem / kQsWarps;
+  constexpr int kChunksPerRow = 4 * kSteps, kCopies = 16 * kChunksPerRow / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t N = p.w.N, K = p.w.K;
+  const int ngroups = int(K / 128);
+  const int64_t row_tiles = (N + 15) / 16;
+  const int64_t tile0 = row_tiles * blockIdx.x / gridDim.x;
+  const int nt = int(row_tiles * (blockIdx.x + 1) / gridDim.x - tile0);  // <= kQsMaxTiles
+  const int64_t row0 = tile0 * 16;
+  const int ksplit = 1 << pl.ksplit_log2, kpart = warp & (ksplit - 1);
+  const int tfirst = warp >> pl.ksplit_log2, tstep = kQsWarps >> pl.ksplit_log2;
+  // Item (tile lt, round r) of warp kpart: groups r ksplit kSteps + kpart kSteps + u, u < kSteps.
+  const int rounds = (ngroups + ksplit * kSteps - 1) / (ksplit * kSteps);
+  const int items = tfirst < nt ? (nt - tfirst + tstep - 1) / tstep * rounds : 0;
+  const int stages = pl.stages;
+  const uint32_t sbase = attn::smem_addr(smem);
+  const uint32_t ring = sbase + uint32_t(warp) * kWarpItem;  // + slot * kItem
+  const int64_t row_bytes = K / 2;
+  // Copy j of this lane: row 32 j / kChunksPerRow + lane / kChunksPerRow, chunk c.
+  const int crow = lane / kChunksPerRow, cchunk = lane % kChunksPerRow;
+
+  // Issue side of the ring: item (tile lt, round r) into slot `slot`. Copy j
+  // reads row j 32 / kChunksPerRow + crow of the tile at byte `goff` of it.
+  int is_lt = tfirst, is_r = 0, is_slot = 0, issued = 0;
+  const uint8_t* rowp[kCopies];
+  uint32_t wdst[kCopies];
+  const auto set_rows = [&] {
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j)
+      rowp[j] = p.w.packed + std::min(row0 + int64_t(is_lt) * 16 + j * (32 / kChunksPerRow) + crow, N - 1) * row_bytes +
+                16 * (cchunk % 4);
+  };
+#pragma unroll
+  for (int j = 0; j < kCopies; ++j) wdst[j] = ring + qs_wchunk<kSteps>(uint32_t(j * (32 / kChunksPerRow) + crow), uint32_t(cchunk));
+  set_rows();
+  const int gfirst = kpart * kSteps + cchunk / 4, gstep = ksplit * kSteps;
+  const auto issue = [&] {
+    // groups past the end: clamped (read, never used)
+    const uint32_t goff = uint32_t(std::min(gfirst + is_r * gstep, ngroups - 1)) * 64;
+    const uint32_t dst = uint32_t(is_slot) * kItem;
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) cp_async16(wdst[j] + dst, rowp[j] + goff, true);
+    if (++is_r == rounds) {
+      is_r = 0, is_lt += tstep;
+      set_rows();
+    }
+    if (++is_slot == stages) is_slot = 0;
+    ++issued;
+  };
+
+  // Prologue: stages - 1 items in flight; x rides in the first group.
+  if (issued < items) issue();
+  const uint32_t xs = sbase + pl.x_off;
+  const uint32_t x_row_bytes = uint32_t(K) * 2;
+  {
+    const int xchunks = int(K / 8);
+    const char* x = static_cast<const char*>(p.x);
+    for (int i = tid; i < pl.x_rows * xchunks; i += kQsThreads) {
+      const int tok = i / xchunks, c = i - tok * xchunks;
+      cp_async16(xs + uint32_t(tok) * x_row_bytes + qs_xchunk(uint32_t(c), uint32_t(tok)) * 16,
+                 x + (int64_t(tok) * p.x_stride + int64_t(c) * 8) * int64_t(sizeof(Ta)), true);
+    }
+  }
+  attn::cp_async_commit();
+  for (int s = 1; s < stages - 1; ++s) {
+    if (issued < items) issue();
+    attn::cp_async_commit();
+  }
+  // Scales and zero codes of the block's rows (contiguous in memory), while
+  // the ring fills: entry (row, group) = scale bits | zero code << 16.
+  uint32_t* sct = reinterpret_cast<uint32_t*>(smem + pl.sc_off);
+  {
+    const uint16_t* sc = static_cast<const uint16_t*>(p.w.scales);
+    const int64_t last = N * ngroups - 1;
+    const int n = nt * 16 * ngroups;
+    for (int e0 = tid; e0 < n; e0 += 4 * kQsThreads) {
+      uint32_t v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // 4 loads out before the first store
+        const int64_t gidx = std::min(row0 * ngroups + e0 + j * kQsThreads, last);
+        v[j] = uint32_t(sc[gidx]) | (p.w.zeros ? uint32_t(p.w.zeros[gidx]) : 8u) << 16;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = e0 + j * kQsThreads;
+        if (e < n) sct[(e / ngroups) * pl.sc_stride + e % ngroups] = v[j];
+      }
+    }
+  }
+  cp_async_wait_upto(stages - 2);  // the first group: item 0 and this thread's x chunks
+  __syncthreads();
+
+  const bool bf16s = p.w.scale_dtype == TK_BF16;
+  const int tok = std::min(g, pl.x_rows - 1);
+  const uint32_t xlane = xs + uint32_t(tok) * x_row_bytes;
+  uint32_t xoff[4];  // chunk 16 gi + 4 t4 + w of the lane's token, after qs_xchunk
+#pragma unroll
+  for (int w = 0; w < 4; ++w) xoff[w] = (qs_xchunk(uint32_t(4 * t4 + w), uint32_t(tok))) * 16;
+  uint32_t woff[kSteps];  // the lane's 16 bytes of group u, row g (row g + 8: + 8 rows)
+#pragma unroll
+  for (int u = 0; u < kSteps; ++u) woff[u] = qs_wchunk<kSteps>(uint32_t(g), uint32_t(4 * u + t4));
+  float* red = reinterpret_cast<float*>(smem + pl.red_off);
+  // Results of local tile lt to y: c0, c1 row g, tokens 2t4, 2t4 + 1; c2, c3 row g + 8.
+  const auto store = [&](int lt, const float (&v)[4]) {
+    const int64_t n0 = row0 + int64_t(lt) * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = n0 + g + (i >= 2 ? 8 : 0), t = 2 * t4 + (i & 1);
+      if (row < N && t < p.T) static_cast<Ta*>(p.y)[t * p.y_stride + row] = from_f32<Ta>(v[i]);
+    }
+  };
+
+  float acc[4] = {};
+  int lt = tfirst, r = 0, slot = 0;
+  for (int i = 0; i < items; ++i) {
+    __syncwarp();  // every lane is done with the slot the next copies overwrite
+    if (issued < items) issue();
+    attn::cp_async_commit();
+    cp_async_wait_upto(stages - 1);  // this lane's copies of item i have landed
+    __syncwarp();                    // and so have the other lanes'
+    const uint32_t src = ring + uint32_t(slot) * kItem;
+    uint4 wa[kSteps], wb[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      wa[u] = ld_shared16(src + woff[u]);
+      wb[u] = ld_shared16(src + woff[u] + 8 * kSteps * 64);
+    }
+    const uint32_t* sa = sct + (lt * 16 + g) * pl.sc_stride;
+    const uint32_t* sb = sa + 8 * pl.sc_stride;
+    const int gbase = r * ksplit * kSteps + kpart * kSteps;
+    const auto group = [&](int u) {
+      const int gi = gbase + u;
+      const uint32_t ea = sa[gi], eb = sb[gi];
+      const uint32_t xg = xlane + uint32_t(gi) * 256;  // 16 chunks per group
+      float c[1][4] = {};
+      qmma_group<Ta, 1>(wa[u], wb[u], ea >> 16, eb >> 16,
+                        [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
+      const float fa = qmma_scale(uint16_t(ea), bf16s), fb = qmma_scale(uint16_t(eb), bf16s);
+      acc[0] = fmaf(fa, c[0][0], acc[0]);
+      acc[1] = fmaf(fa, c[0][1], acc[1]);
+      acc[2] = fmaf(fb, c[0][2], acc[2]);
+      acc[3] = fmaf(fb, c[0][3], acc[3]);
+    };
+    if (gbase + kSteps - 1 < ngroups) {  // a full item: the mma chains interleave
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) group(u);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u)
+        if (gbase + u < ngroups) group(u);
+    }
+    if (r == rounds - 1) {  // the warp's share of tile lt is done
+      if (ksplit == 1) {
+        store(lt, acc);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[((lt * ksplit + kpart) * 4 + j) * 32 + lane] = acc[j];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] = 0.0f;
+    }
+    if (++r == rounds) r = 0, lt += tstep;
+    if (++slot == stages) slot = 0;
+  }
+  if (ksplit > 1) {  // uniform per block: warps add up each tile's K parts in a fixed order
+    __syncthreads();
+    for (int t = warp; t < nt; t += kQsWarps) {
+      float v[4] = {};
+      for (int j = 0; j < ksplit; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] += red[((t * ksplit + j) * 4 + i) * 32 + lane];
+      store(t, v);
+    }
+  }
+}
+
+// Shared-memory plan of qstream_kernel for this shape and device; false when
+// x or one tile's tables leave no room for a ring 2 items deep (T = 8 with K
+// past about 12k on an H100): the short-block kernel takes those.
+template <int kSteps, int kWarps>
+bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, QsPlan& pl, unsigned& grid,
+             size_t& smem_bytes) {
+  constexpr int64_t kItem = qs_item_bytes<kSteps, kWarps>();
+  constexpr int kMaxKsplitLog2 = kWarps == 16 ? 4 : 3;
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return false;
+  const int64_t ngroups = p.w.K / 128, row_tiles = (p.w.N + 15) / 16;
+  int ksplit_log2 = 0;  // all warps on a tile when K has an item each to share
+  while (ksplit_log2 < kMaxKsplitLog2 && ngroups >= int64_t(kSteps) << (ksplit_log2 + 1)) ++ksplit_log2;
+  pl.ksplit_log2 = ksplit_log2;
+  pl.x_rows = int(std::min<int64_t>(p.T, 8));
+  pl.sc_stride = int(ngroups | 1);
+  const int64_t x_bytes = int64_t(pl.x_rows) * p.w.K * 2;
+  const int64_t per_tile = 16 * int64_t(pl.sc_stride) * 4 + (ksplit_log2 ? (int64_t(512) << ksplit_log2) : 0);
+  int64_t tiles = std::min<int64_t>(kQsMaxTiles, (row_tiles + l.num_sms - 1) / l.num_sms);
+  while (tiles > 1 && x_bytes + tiles * per_tile + 2 * kItem > optin) --tiles;
+  const int64_t fixed = x_bytes + tiles * per_tile;
+  if (fixed + 2 * kItem > optin) return false;
+  pl.stages = int(std::min<int64_t>(max_stages, (optin - fixed) / kItem));
+  pl.x_off = uint32_t(pl.stages * kItem);
+  pl.sc_off = pl.x_off + uint32_t(x_bytes);
+  pl.red_off = pl.sc_off + uint32_t(tiles * 16 * pl.sc_stride * 4);
+  smem_bytes = size_t(pl.red_off) + (ksplit_log2 ? size_t(tiles) * (size_t(512) << ksplit_log2) : 0);
+  const int64_t blocks = (row_tiles + tiles - 1) / tiles;
+  if (blocks >= (int64_t(1) << 31)) return false;
+  grid = unsigned(blocks);
+  return true;
+}
+
+template <class Ta, int kSteps, int kWarps>
+tk_status launch_qstream(const tk_qmatmul_int4_params& p, const Launch& l, const QsPlan& pl, unsigned grid,
+                         size_t smem_bytes) {
+  if (cudaFuncSetAttribute(qstream_kernel<Ta, kSteps, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(smem_bytes)) != cudaSuccess)
+    return check_launch("qmatmul_int4");
+  qstream_kernel<Ta, kSteps, kWarps><<<grid, kWarps * 32, smem_bytes, l.stream>>>(p, pl);
+  return check_launch("qmatmul_int4");
+}
+
+// The ring shape the library runs (tune/q4_tune.cu measures the others).
+constexpr int kQsSteps = 2, kQsWarps = 16, kQsStages = 2;
+
+// T <= 8: the streaming kernel where its shared memory fits, else the short blocks.
+template <class Ta>
+tk_status launch_decode(const tk_qmatmul_int4_params& p, const Launch& l) {
+  QsPlan pl;
+  unsigned grid;
+  size_t smem_bytes;
+  if (qs_plan<kQsSteps, kQsWarps>(p, l, kQsStages, pl, grid, smem_bytes))
+    return launch_qstream<Ta, kQsSteps, kQsWarps>(p, l, pl, grid, smem_bytes);
+  return launch_qmma<Ta, 1>(p, l);
+}
+
 template <class Ta>
 tk_status launch_qmma_t(const tk_qmatmul_int4_params& p, const Launch& l) {
-  return p.T <= 8 ? launch_qmma<Ta, 1>(p, l) : launch_qmma<Ta, 4>(p, l);
+  return p.T <= 8 ? launch_decode<Ta>(p, l) : launch_qmma<Ta, 4>(p, l);
 }
 
 }  // namespace

@@ -126,15 +126,14 @@ __device__ __forceinline__ void qmma_b_frag(uint32_t x0, uint32_t x2, uint32_t& 
 }
 
 // c[tt] = the 16 x 8 mma products of one group (128 k) of the lane's rows
-// g, g + 8 (16 bytes of codes each, zero codes za, zb) with tokens tile tt,
-// without the scale. xoff: the group's byte offset in an x row. Word w of the
-// lane's 16 bytes is the A operand of mmas 2w, 2w + 1, whose B fragments come
-// from the w-th 16 bytes of x (qmma_b_frag): one word at a time keeps few
-// operands live.
-template <class Ta, int kTT>
+// g, g + 8 (16 bytes of codes each, zero codes za, zb) with token tile tt,
+// without the scale. xload(tt, w) returns the lane's 16 bytes of x for word w
+// of tile tt (the group's k 32 t4 + 8 w .. + 7 of token g): word w of the
+// lane's codes is the A operand of mmas 2w, 2w + 1, whose B fragments come
+// from those 16 bytes (qmma_b_frag). One word at a time keeps few operands live.
+template <class Ta, int kTT, class XLoad>
 __device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
-                                           const char* const (&xr)[kTT], int64_t xoff,
-                                           float (&c)[kTT][4]) {
+                                           XLoad&& xload, float (&c)[kTT][4]) {
   const QZero zqa = qmma_zero<Ta>(za), zqb = qmma_zero<Ta>(zb);
   const uint32_t wra[4] = {wa.x, wa.y, wa.z, wa.w};
   const uint32_t wrb[4] = {wb.x, wb.y, wb.z, wb.w};
@@ -145,7 +144,7 @@ __device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uin
     qmma_dequant_word<Ta>(wrb[w], zqb, pb);
 #pragma unroll
     for (int tt = 0; tt < kTT; ++tt) {
-      const uint4 v = ld16(xr[tt] + xoff + 16 * w);
+      const uint4 v = xload(tt, w);
       const uint32_t X[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -163,6 +162,28 @@ __device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uin
 
 __device__ __forceinline__ float qmma_scale(uint16_t b, bool bf16) {
   return bf16 ? __uint_as_float(uint32_t(b) << 16) : __half2float(__ushort_as_half(b));
+}
+
+// The k-split reduction of the tensor-core kernels: the ksplit consecutive
+// warps of a row tile (kpart = warp % ksplit) add up their per-lane partial
+// sums v through shared memory, in a fixed order; kpart 0 ends with the total.
+// red: [warps of the block][kA * kB][32]. Holds a barrier when ksplit > 1
+// (uniform per block): every thread of the block must call it.
+template <int kA, int kB>
+__device__ __forceinline__ void ksplit_sum(float (&v)[kA][kB], float (*red)[kA * kB][32], int ksplit, int kpart) {
+  if (ksplit == 1) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int a = 0; a < kA; ++a)
+#pragma unroll
+    for (int b = 0; b < kB; ++b) red[warp][a * kB + b][lane] = v[a][b];
+  __syncthreads();
+  if (kpart == 0)
+    for (int j = 1; j < ksplit; ++j)
+#pragma unroll
+      for (int a = 0; a < kA; ++a)
+#pragma unroll
+        for (int b = 0; b < kB; ++b) v[a][b] += red[warp + j][a * kB + b][lane];
 }
 
 }  // namespace tk::cuda

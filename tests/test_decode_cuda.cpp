@@ -1,0 +1,31 @@
+// Shapes that reach the decode paths of the CUDA weight-streaming kernels (the
+// other backends run them too, against the same reference): qmatmul_int4 with
+// T <= 8 and group 128 streams a block's range of row tiles through a
+// shared-memory ring, so these cover several tiles per block, a partial last
+// tile, K with a partial last round (33 groups) or fewer than 8 groups (the
+// warps then split into tile lanes), tokens 1..8, zero points and both scale
+// dtypes, and an x too large to stage in shared memory (the short-block kernel).
+#include "ops.h"
+
+namespace tk::test {
+
+std::vector<Case> decode_int4_cases() {
+  struct TNK { int64_t T, N, K; };
+  // N = 6341: 397 row tiles, several per block on any GPU with fewer than ~200
+  // SMs; K = 16384 at T = 8: 256 KB of x, past any GPU's shared memory.
+  const TNK shapes[] = {{1, 6341, 4096}, {8, 6341, 4224}, {2, 6341, 1024}, {5, 2053, 4096},
+                        {1, 777, 384},   {8, 130, 128},   {3, 4133, 640},  {8, 40, 16384}};
+  std::vector<Case> cases;
+  int i = 0;
+  for (const TNK& s : shapes) {
+    const tk_dtype d = i % 3 == 2 ? TK_BF16 : TK_F16;
+    const Int4Spec spec{128, i % 2 ? TK_BF16 : TK_F16, i % 4 >= 2, i % 3 == 1};
+    cases.push_back(make_case<QmatmulTest>(QmatmulShape{d, s.T, s.N, s.K, spec, i % 2 ? Layout::Strided
+                                                                                     : Layout::Contiguous}));
+    ++i;
+  }
+  return cases;
+}
+TK_OP_SUITE(DecodeInt4, decode_int4_cases);
+
+}  // namespace tk::test
