@@ -214,6 +214,7 @@ struct QsPlan {
   int stages;       // ring depth in items, 2..kQsMaxStages
   int x_rows;       // tokens staged: min(T, 8); token slot g reads row min(g, x_rows - 1)
   int sc_stride;    // words per row of the scale table
+  int interleave;   // block b takes row tiles b, b + grid, ... (else one contiguous range)
   uint32_t x_off, sc_off, red_off;  // shared-memory offsets (the ring is at 0)
 };
 
@@ -236,6 +237,7 @@ __device__ __forceinline__ uint32_t qs_wchunk(uint32_t row, uint32_t c) {
 }
 
 __device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  if (pending == 1) return attn::cp_async_wait<1>();  // the library's 2-stage ring
   switch (pending) {  // uniform: the ring depth
     case 0: attn::cp_async_wait<0>(); break;
     case 1: attn::cp_async_wait<1>(); break;
@@ -261,9 +263,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int64_t N = p.w.N, K = p.w.K;
   const int ngroups = int(K / 128);
   const int64_t row_tiles = (N + 15) / 16;
-  const int64_t tile0 = row_tiles * blockIdx.x / gridDim.x;
-  const int nt = int(row_tiles * (blockIdx.x + 1) / gridDim.x - tile0);  // <= kQsMaxTiles
-  const int64_t row0 = tile0 * 16;
+  // Local tile lt is row tile tile0 + lt * tmul: blocks interleaved (tmul =
+  // grid) or each a contiguous range (tmul = 1).
+  int64_t tile0, tmul;
+  int nt;  // <= kQsMaxTiles
+  if (pl.interleave) {
+    tile0 = blockIdx.x, tmul = gridDim.x;
+    nt = int((row_tiles - tile0 + tmul - 1) / tmul);
+  } else {
+    tile0 = row_tiles * blockIdx.x / gridDim.x, tmul = 1;
+    nt = int(row_tiles * (blockIdx.x + 1) / gridDim.x - tile0);
+  }
+  const int64_t row0 = tile0 * 16, rmul = tmul * 16;  // rows of local tile lt: row0 + lt rmul + 0..15
   const int ksplit = 1 << pl.ksplit_log2, kpart = warp & (ksplit - 1);
   const int tfirst = warp >> pl.ksplit_log2, tstep = kQsWarps >> pl.ksplit_log2;
   // Item (tile lt, round r) of warp kpart: groups r ksplit kSteps + kpart kSteps + u, u < kSteps.
@@ -281,11 +292,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   int is_lt = tfirst, is_r = 0, is_slot = 0, issued = 0;
   const uint8_t* rowp[kCopies];
   uint32_t wdst[kCopies];
-  const auto set_rows = [&] {
+  const int64_t tile_bytes = int64_t(tstep) * rmul * row_bytes;  // from one of the warp's tiles to the next
+  const auto set_rows = [&] {  // rows of tile is_lt; only the matrix's last tile needs clamping
+    const int64_t n0 = row0 + int64_t(is_lt) * rmul;
 #pragma unroll
     for (int j = 0; j < kCopies; ++j)
-      rowp[j] = p.w.packed + std::min(row0 + int64_t(is_lt) * 16 + j * (32 / kChunksPerRow) + crow, N - 1) * row_bytes +
-                16 * (cchunk % 4);
+      rowp[j] = p.w.packed + std::min(n0 + j * (32 / kChunksPerRow) + crow, N - 1) * row_bytes + 16 * (cchunk % 4);
+  };
+  const auto next_rows = [&] {
+    if (row0 + int64_t(is_lt) * rmul + 16 <= N) {
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) rowp[j] += tile_bytes;
+    } else {
+      set_rows();
+    }
   };
 #pragma unroll
   for (int j = 0; j < kCopies; ++j) wdst[j] = ring + qs_wchunk<kSteps>(uint32_t(j * (32 / kChunksPerRow) + crow), uint32_t(cchunk));
@@ -299,7 +319,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     for (int j = 0; j < kCopies; ++j) cp_async16(wdst[j] + dst, rowp[j] + goff, true);
     if (++is_r == rounds) {
       is_r = 0, is_lt += tstep;
-      set_rows();
+      next_rows();
     }
     if (++is_slot == stages) is_slot = 0;
     ++issued;
@@ -323,8 +343,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     if (issued < items) issue();
     attn::cp_async_commit();
   }
-  // Scales and zero codes of the block's rows (contiguous in memory), while
-  // the ring fills: entry (row, group) = scale bits | zero code << 16.
+  // Scales and zero codes of the block's rows, while the ring fills: entry
+  // (local row, group) = scale bits | zero code << 16.
   uint32_t* sct = reinterpret_cast<uint32_t*>(smem + pl.sc_off);
   {
     const uint16_t* sc = static_cast<const uint16_t*>(p.w.scales);
@@ -334,7 +354,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       uint32_t v[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {  // 4 loads out before the first store
-        const int64_t gidx = std::min(row0 * ngroups + e0 + j * kQsThreads, last);
+        const int e = e0 + j * kQsThreads, rl = e / ngroups;
+        const int64_t gidx = std::min((row0 + (rl >> 4) * rmul + (rl & 15)) * ngroups + (e - rl * ngroups), last);
         v[j] = uint32_t(sc[gidx]) | (p.w.zeros ? uint32_t(p.w.zeros[gidx]) : 8u) << 16;
       }
 #pragma unroll
@@ -345,6 +366,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     }
   }
   cp_async_wait_upto(stages - 2);  // the first group: item 0 and this thread's x chunks
+  {  // x chunks -> B fragments, in place: each thread converts the chunks it copied
+    const int xchunks = int(K / 8);
+    for (int i = tid; i < pl.x_rows * xchunks; i += kQsThreads) {
+      const int tok = i / xchunks, c = i - tok * xchunks;
+      const uint32_t a = xs + uint32_t(tok) * x_row_bytes + qs_xchunk(uint32_t(c), uint32_t(tok)) * 16;
+      attn::st_shared16(a, qmma_b_frags(ld_shared16(a)));
+    }
+  }
   __syncthreads();
 
   const bool bf16s = p.w.scale_dtype == TK_BF16;
@@ -359,7 +388,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   float* red = reinterpret_cast<float*>(smem + pl.red_off);
   // Results of local tile lt to y: c0, c1 row g, tokens 2t4, 2t4 + 1; c2, c3 row g + 8.
   const auto store = [&](int lt, const float (&v)[4]) {
-    const int64_t n0 = row0 + int64_t(lt) * 16;
+    const int64_t n0 = row0 + int64_t(lt) * rmul;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t row = n0 + g + (i >= 2 ? 8 : 0), t = 2 * t4 + (i & 1);
@@ -390,8 +419,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       const uint32_t ea = sa[gi], eb = sb[gi];
       const uint32_t xg = xlane + uint32_t(gi) * 256;  // 16 chunks per group
       float c[1][4] = {};
-      qmma_group<Ta, 1>(wa[u], wb[u], ea >> 16, eb >> 16,
-                        [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
+      qmma_group<Ta, 1, true>(wa[u], wb[u], ea >> 16, eb >> 16,
+                              [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
       const float fa = qmma_scale(uint16_t(ea), bf16s), fb = qmma_scale(uint16_t(eb), bf16s);
       acc[0] = fmaf(fa, c[0][0], acc[0]);
       acc[1] = fmaf(fa, c[0][1], acc[1]);
@@ -431,6 +460,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
 }
 
+constexpr int kQsInterleave = 1;
+
 // Shared-memory plan of qstream_kernel for this shape and device; false when
 // x or one tile's tables leave no room for a ring 2 items deep (T = 8 with K
 // past about 12k on an H100): the short-block kernel takes those.
@@ -447,6 +478,7 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
   int ksplit_log2 = 0;  // all warps on a tile when K has an item each to share
   while (ksplit_log2 < kMaxKsplitLog2 && ngroups >= int64_t(kSteps) << (ksplit_log2 + 1)) ++ksplit_log2;
   pl.ksplit_log2 = ksplit_log2;
+  pl.interleave = kQsInterleave;
   pl.x_rows = int(std::min<int64_t>(p.T, 8));
   pl.sc_stride = int(ngroups | 1);
   const int64_t x_bytes = int64_t(pl.x_rows) * p.w.K * 2;

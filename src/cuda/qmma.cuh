@@ -124,14 +124,24 @@ __device__ __forceinline__ void qmma_b_frag(uint32_t x0, uint32_t x2, uint32_t& 
   b0 = __byte_perm(x0, x2, 0x5410);
   b1 = __byte_perm(x0, x2, 0x7632);
 }
+// 16 bytes of x (k 8w .. 8w + 7 of a lane) -> the B fragments of mmas 2w and
+// 2w + 1 in the order qmma_group<kPermuted> reads them.
+__device__ __forceinline__ uint4 qmma_b_frags(const uint4& x) {
+  uint4 r;
+  qmma_b_frag(x.x, x.z, r.x, r.y);
+  qmma_b_frag(x.y, x.w, r.z, r.w);
+  return r;
+}
 
 // c[tt] = the 16 x 8 mma products of one group (128 k) of the lane's rows
 // g, g + 8 (16 bytes of codes each, zero codes za, zb) with token tile tt,
 // without the scale. xload(tt, w) returns the lane's 16 bytes of x for word w
 // of tile tt (the group's k 32 t4 + 8 w .. + 7 of token g): word w of the
 // lane's codes is the A operand of mmas 2w, 2w + 1, whose B fragments come
-// from those 16 bytes (qmma_b_frag). One word at a time keeps few operands live.
-template <class Ta, int kTT, class XLoad>
+// from those 16 bytes (qmma_b_frag), or, kPermuted, are those 16 bytes
+// ({b0, b1} of mma 2w, then of 2w + 1: qmma_b_frags applied once to x in
+// shared memory). One word at a time keeps few operands live.
+template <class Ta, int kTT, bool kPermuted = false, class XLoad>
 __device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
                                            XLoad&& xload, float (&c)[kTT][4]) {
   const QZero zqa = qmma_zero<Ta>(za), zqb = qmma_zero<Ta>(zb);
@@ -153,7 +163,12 @@ __device__ __forceinline__ void qmma_group(const uint4& wa, const uint4& wb, uin
                                pa[2 * h + 1],   // row g,     slots 2t4 + 8, 2t4 + 9
                                pb[2 * h + 1]};  // row g + 8
         uint32_t b0, b1;
-        qmma_b_frag(X[h], X[h + 2], b0, b1);
+        if constexpr (kPermuted) {
+          b0 = X[2 * h];
+          b1 = X[2 * h + 1];
+        } else {
+          qmma_b_frag(X[h], X[h + 2], b0, b1);
+        }
         QmmaType<Ta>::mma(c[tt], a, b0, b1);
       }
     }

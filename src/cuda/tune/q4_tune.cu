@@ -122,22 +122,22 @@ int main() {
     time("short blocks (launch_qmma kTT 1)", T, [&] { launch_qmma<__half, 1>(p, l); });
     const auto sweep = [&](auto steps, auto warps) {
       constexpr int kS = decltype(steps)::value, kW = decltype(warps)::value;
-      for (int st : {2, 3, 4}) {
-        QsPlan ps;
-        if (!qs_plan<kS, kW>(p1, l, st, ps, grid, smem)) continue;
-        char name[64];
-        std::snprintf(name, sizeof name, "stream %dw, %d groups x %d stages (%zu KB)", kW, kS, ps.stages, smem / 1024);
-        time(name, T, [&] { launch_qstream<__half, kS, kW>(p1, l, ps, grid, smem); });
-      }
+      for (int st : {2, 3})
+        for (int il : {0, 1}) {
+          QsPlan ps;
+          if (!qs_plan<kS, kW>(p1, l, st, ps, grid, smem)) continue;
+          ps.interleave = il;
+          char name[80];
+          std::snprintf(name, sizeof name, "stream %dw, %d groups x %d stages%s (%zu KB)", kW, kS, ps.stages,
+                        il ? " interleaved" : "", smem / 1024);
+          time(name, T, [&] { launch_qstream<__half, kS, kW>(p1, l, ps, grid, smem); });
+        }
     };
     using I2 = std::integral_constant<int, 2>;
-    using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     using I16 = std::integral_constant<int, 16>;
     sweep(I2{}, I8{});
-    sweep(I4{}, I8{});
     sweep(I2{}, I16{});
-    sweep(I4{}, I16{});
   }
   time("read kernel over the int4 bytes", 0, [&] {
     read_flush<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(q), size_t(N) * K / 2 / 16, sink);
