@@ -199,11 +199,11 @@ tk_status launch_qmma(const tk_qmatmul_int4_params& p, const Launch& l) {
 // straight from global memory (8 rows x 64 bytes per instruction, the
 // short-block kernel above) measured 1.5 TB/s however deep the ring.
 // A warp reads back only what it copied, so the ring needs __syncwarp, not
-// block barriers. Staged once per block: x (16-byte chunks swizzled so that a
-// warp's B-fragment reads hit distinct banks) and the range's scales and zero
-// codes (one word per row and group, rows padded to an odd word count).
+// block barriers. Staged once per block, with cp.async in the first group (the
+// first items wait for nothing else): x (16-byte chunks swizzled so that a
+// warp's B-fragment reads hit distinct banks, then turned into B fragments in
+// place) and the block's scales and zero codes.
 // Everything here is sm_80 PTX (cp.async, mma.sync): the portable path too.
-constexpr int kQsMaxStages = 8;  // ring items per warp
 constexpr int kQsMaxTiles = 8;   // row tiles per block (shared-memory tables)
 // One ring item of all warps: 16 rows x kSteps groups x 64 bytes per warp.
 template <int kSteps, int kWarps>
@@ -211,11 +211,10 @@ constexpr uint32_t qs_item_bytes() { return uint32_t(kWarps) * 16 * kSteps * 64;
 
 struct QsPlan {
   int ksplit_log2;  // warps per tile: 1 << ksplit_log2
-  int stages;       // ring depth in items, 2..kQsMaxStages
+  int stages;       // ring depth in items, 2..8 (cp_async_wait_upto)
   int x_rows;       // tokens staged: min(T, 8); token slot g reads row min(g, x_rows - 1)
-  int sc_stride;    // words per row of the scale table
   int interleave;   // block b takes row tiles b, b + grid, ... (else one contiguous range)
-  uint32_t x_off, sc_off, red_off;  // shared-memory offsets (the ring is at 0)
+  uint32_t x_off, sc_off, z_off, red_off;  // shared-memory offsets (the ring is at 0)
 };
 
 // Position of 16-byte chunk c of staged x row `tok`: chunk c holds k 8c .. 8c + 7.
@@ -250,7 +249,8 @@ __device__ __forceinline__ void cp_async_wait_upto(int pending) {
   }
 }
 
-template <class Ta, int kSteps, int kWarps>
+// kMemOnly (tune/q4_tune.cu only): the same copies and reads, no arithmetic.
+template <class Ta, int kSteps, int kWarps, bool kMemOnly = false>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     qstream_kernel(tk_qmatmul_int4_params p, QsPlan pl) {
   using attn::cp_async16;
@@ -338,34 +338,32 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
                  x + (int64_t(tok) * p.x_stride + int64_t(c) * 8) * int64_t(sizeof(Ta)), true);
     }
   }
+  // Scales and zero codes of the block's tiles, raw: [local row][group] (a
+  // tile's are contiguous in memory: 32 ngroups and 16 ngroups bytes).
+  const int tile_sc = 32 * ngroups, tile_z = 16 * ngroups;
+  const char* scg = static_cast<const char*>(p.w.scales);
+  const char* zg = reinterpret_cast<const char*>(p.w.zeros);
+  {  // in the first group, beside item 0 and x
+    const int64_t sc_end = N * ngroups * 2, z_end = N * ngroups;
+    const int csc = tile_sc / 16, cz = zg ? tile_z / 16 : 0;
+    for (int i = tid; i < nt * (csc + cz); i += kQsThreads) {
+      const int lt = i / (csc + cz), c = i - lt * (csc + cz);
+      const int64_t t = tile0 + lt * tmul;
+      const bool z = c >= csc;
+      const int64_t off = z ? t * tile_z + (c - csc) * 16 : t * tile_sc + c * 16;
+      const int64_t end = z ? z_end : sc_end;
+      const int bytes = int(std::max<int64_t>(0, std::min<int64_t>(16, end - off)));  // the last tile's rows past N
+      const uint32_t dst = sbase + (z ? pl.z_off + lt * tile_z + (c - csc) * 16 : pl.sc_off + lt * tile_sc + c * 16);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+                   "l"((z ? zg : scg) + (bytes ? off : 0)), "r"(bytes));
+    }
+  }
   attn::cp_async_commit();
   for (int s = 1; s < stages - 1; ++s) {
     if (issued < items) issue();
     attn::cp_async_commit();
   }
-  // Scales and zero codes of the block's rows, while the ring fills: entry
-  // (local row, group) = scale bits | zero code << 16.
-  uint32_t* sct = reinterpret_cast<uint32_t*>(smem + pl.sc_off);
-  {
-    const uint16_t* sc = static_cast<const uint16_t*>(p.w.scales);
-    const int64_t last = N * ngroups - 1;
-    const int n = nt * 16 * ngroups;
-    for (int e0 = tid; e0 < n; e0 += 4 * kQsThreads) {
-      uint32_t v[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // 4 loads out before the first store
-        const int e = e0 + j * kQsThreads, rl = e / ngroups;
-        const int64_t gidx = std::min((row0 + (rl >> 4) * rmul + (rl & 15)) * ngroups + (e - rl * ngroups), last);
-        v[j] = uint32_t(sc[gidx]) | (p.w.zeros ? uint32_t(p.w.zeros[gidx]) : 8u) << 16;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int e = e0 + j * kQsThreads;
-        if (e < n) sct[(e / ngroups) * pl.sc_stride + e % ngroups] = v[j];
-      }
-    }
-  }
-  cp_async_wait_upto(stages - 2);  // the first group: item 0 and this thread's x chunks
+  cp_async_wait_upto(stages - 2);  // the first group: item 0, this thread's x chunks and scales
   {  // x chunks -> B fragments, in place: each thread converts the chunks it copied
     const int xchunks = int(K / 8);
     for (int i = tid; i < pl.x_rows * xchunks; i += kQsThreads) {
@@ -386,6 +384,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 #pragma unroll
   for (int u = 0; u < kSteps; ++u) woff[u] = qs_wchunk<kSteps>(uint32_t(g), uint32_t(4 * u + t4));
   float* red = reinterpret_cast<float*>(smem + pl.red_off);
+  const uint16_t* ssc = reinterpret_cast<const uint16_t*>(smem + pl.sc_off);
+  const uint8_t* szz = smem + pl.z_off;
   // Results of local tile lt to y: c0, c1 row g, tokens 2t4, 2t4 + 1; c2, c3 row g + 8.
   const auto store = [&](int lt, const float (&v)[4]) {
     const int64_t n0 = row0 + int64_t(lt) * rmul;
@@ -411,15 +411,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       wa[u] = ld_shared16(src + woff[u]);
       wb[u] = ld_shared16(src + woff[u] + 8 * kSteps * 64);
     }
-    const uint32_t* sa = sct + (lt * 16 + g) * pl.sc_stride;
-    const uint32_t* sb = sa + 8 * pl.sc_stride;
+    const int ea_i = (lt * 16 + g) * ngroups, eb_i = ea_i + 8 * ngroups;  // rows g, g + 8 of the tables
     const int gbase = r * ksplit * kSteps + kpart * kSteps;
     const auto group = [&](int u) {
       const int gi = gbase + u;
-      const uint32_t ea = sa[gi], eb = sb[gi];
+      const uint32_t ea = ssc[ea_i + gi], eb = ssc[eb_i + gi];
+      const uint32_t za = zg ? szz[ea_i + gi] : 8u, zb = zg ? szz[eb_i + gi] : 8u;
       const uint32_t xg = xlane + uint32_t(gi) * 256;  // 16 chunks per group
       float c[1][4] = {};
-      qmma_group<Ta, 1, true>(wa[u], wb[u], ea >> 16, eb >> 16,
+      qmma_group<Ta, 1, true>(wa[u], wb[u], za, zb,
                               [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
       const float fa = qmma_scale(uint16_t(ea), bf16s), fb = qmma_scale(uint16_t(eb), bf16s);
       acc[0] = fmaf(fa, c[0][0], acc[0]);
@@ -427,7 +427,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       acc[2] = fmaf(fb, c[0][2], acc[2]);
       acc[3] = fmaf(fb, c[0][3], acc[3]);
     };
-    if (gbase + kSteps - 1 < ngroups) {  // a full item: the mma chains interleave
+    if constexpr (kMemOnly) {
+      uint32_t h = 0;
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) h ^= wa[u].x ^ wa[u].y ^ wa[u].z ^ wa[u].w ^ wb[u].x ^ wb[u].y ^ wb[u].z ^ wb[u].w;
+      acc[0] += float(h & 1u);
+    } else if (gbase + kSteps - 1 < ngroups) {  // a full item: the mma chains interleave
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) group(u);
     } else {
@@ -464,7 +469,8 @@ constexpr int kQsInterleave = 1;
 
 // Shared-memory plan of qstream_kernel for this shape and device; false when
 // x or one tile's tables leave no room for a ring 2 items deep (T = 8 with K
-// past about 12k on an H100): the short-block kernel takes those.
+// past about 12k on an H100) or the scales are not 16-byte aligned: the
+// short-block kernel takes those.
 template <int kSteps, int kWarps>
 bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, QsPlan& pl, unsigned& grid,
              size_t& smem_bytes) {
@@ -480,9 +486,10 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
   pl.ksplit_log2 = ksplit_log2;
   pl.interleave = kQsInterleave;
   pl.x_rows = int(std::min<int64_t>(p.T, 8));
-  pl.sc_stride = int(ngroups | 1);
+  // scales and zeros come in with cp.async: 16-byte aligned (tiles start at multiples of 16 bytes)
+  if (!aligned16(p.w.scales) || (p.w.zeros && !aligned16(p.w.zeros))) return false;
   const int64_t x_bytes = int64_t(pl.x_rows) * p.w.K * 2;
-  const int64_t per_tile = 16 * int64_t(pl.sc_stride) * 4 + (ksplit_log2 ? (int64_t(512) << ksplit_log2) : 0);
+  const int64_t per_tile = 48 * ngroups + (ksplit_log2 ? (int64_t(512) << ksplit_log2) : 0);
   int64_t tiles = std::min<int64_t>(kQsMaxTiles, (row_tiles + l.num_sms - 1) / l.num_sms);
   while (tiles > 1 && x_bytes + tiles * per_tile + 2 * kItem > optin) --tiles;
   const int64_t fixed = x_bytes + tiles * per_tile;
@@ -490,7 +497,8 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
   pl.stages = int(std::min<int64_t>(max_stages, (optin - fixed) / kItem));
   pl.x_off = uint32_t(pl.stages * kItem);
   pl.sc_off = pl.x_off + uint32_t(x_bytes);
-  pl.red_off = pl.sc_off + uint32_t(tiles * 16 * pl.sc_stride * 4);
+  pl.z_off = pl.sc_off + uint32_t(tiles * 32 * ngroups);
+  pl.red_off = pl.z_off + uint32_t(tiles * 16 * ngroups);
   smem_bytes = size_t(pl.red_off) + (ksplit_log2 ? size_t(tiles) * (size_t(512) << ksplit_log2) : 0);
   const int64_t blocks = (row_tiles + tiles - 1) / tiles;
   if (blocks >= (int64_t(1) << 31)) return false;
@@ -498,13 +506,13 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
   return true;
 }
 
-template <class Ta, int kSteps, int kWarps>
+template <class Ta, int kSteps, int kWarps, bool kMemOnly = false>
 tk_status launch_qstream(const tk_qmatmul_int4_params& p, const Launch& l, const QsPlan& pl, unsigned grid,
                          size_t smem_bytes) {
-  if (cudaFuncSetAttribute(qstream_kernel<Ta, kSteps, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (cudaFuncSetAttribute(qstream_kernel<Ta, kSteps, kWarps, kMemOnly>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            int(smem_bytes)) != cudaSuccess)
     return check_launch("qmatmul_int4");
-  qstream_kernel<Ta, kSteps, kWarps><<<grid, kWarps * 32, smem_bytes, l.stream>>>(p, pl);
+  qstream_kernel<Ta, kSteps, kWarps, kMemOnly><<<grid, kWarps * 32, smem_bytes, l.stream>>>(p, pl);
   return check_launch("qmatmul_int4");
 }
 

@@ -134,10 +134,15 @@ int main() {
         }
     };
     using I2 = std::integral_constant<int, 2>;
-    using I8 = std::integral_constant<int, 8>;
     using I16 = std::integral_constant<int, 16>;
-    sweep(I2{}, I8{});
     sweep(I2{}, I16{});
+    for (int st : {2, 3, 4}) {  // the copies and shared-memory reads alone
+      QsPlan ps;
+      if (!qs_plan<2, 16>(p1, l, st, ps, grid, smem)) continue;
+      char name[80];
+      std::snprintf(name, sizeof name, "memory only 16w, 2 groups x %d stages", ps.stages);
+      time(name, T, [&] { launch_qstream<__half, 2, 16, true>(p1, l, ps, grid, smem); });
+    }
   }
   time("read kernel over the int4 bytes", 0, [&] {
     read_flush<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(q), size_t(N) * K / 2 / 16, sink);
