@@ -236,7 +236,8 @@ __device__ __forceinline__ uint32_t qs_wchunk(uint32_t row, uint32_t c) {
 }
 
 __device__ __forceinline__ void cp_async_wait_upto(int pending) {
-  if (pending == 1) return attn::cp_async_wait<1>();  // the library's 2-stage ring
+  if (pending == 1) return attn::cp_async_wait<1>();  // rings 2 and 3 items deep: no switch
+  if (pending == 2) return attn::cp_async_wait<2>();
   switch (pending) {  // uniform: the ring depth
     case 0: attn::cp_async_wait<0>(); break;
     case 1: attn::cp_async_wait<1>(); break;
