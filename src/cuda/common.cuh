@@ -26,6 +26,7 @@ struct Launch {
   unsigned int* error_flag;
   int num_sms;
   int sm_major, sm_minor;
+  int smem_optin;  // the most dynamic shared memory one block may opt in to (bytes)
   // TK_CUDA_PORTABLE=1 at context creation: every op takes its path with no
   // Hopper-only instruction (the sm_80 kernels), so that path is testable on H100.
   bool portable;

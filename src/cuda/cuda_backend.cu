@@ -55,6 +55,7 @@ class CudaBackend final : public Backend {
     b->launch_.stream = nullptr;
     b->launch_.num_sms = prop.multiProcessorCount;
     b->launch_.sm_major = prop.major;
+    b->launch_.smem_optin = int(prop.sharedMemPerBlockOptin);
     b->launch_.sm_minor = prop.minor;
     return b;
   }

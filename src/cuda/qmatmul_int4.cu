@@ -480,10 +480,7 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
              size_t& smem_bytes) {
   constexpr int64_t kItem = qs_item_bytes<kSteps, kWarps>();
   constexpr int kMaxKsplitLog2 = kWarps == 16 ? 4 : 3;
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return false;
+  const int64_t optin = l.smem_optin;
   const int64_t ngroups = p.w.K / 128, row_tiles = (p.w.N + 15) / 16;
   int ksplit_log2 = 0;  // all warps on a tile when K has an item each to share
   while (ksplit_log2 < kMaxKsplitLog2 && ngroups >= int64_t(kSteps) << (ksplit_log2 + 1)) ++ksplit_log2;
@@ -513,9 +510,13 @@ bool qs_plan(const tk_qmatmul_int4_params& p, const Launch& l, int max_stages, Q
 template <class Ta, int kSteps, int kWarps, bool kMemOnly = false>
 tk_status launch_qstream(const tk_qmatmul_int4_params& p, const Launch& l, const QsPlan& pl, unsigned grid,
                          size_t smem_bytes) {
-  if (cudaFuncSetAttribute(qstream_kernel<Ta, kSteps, kWarps, kMemOnly>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(smem_bytes)) != cudaSuccess)
-    return check_launch("qmatmul_int4");
+  // Raised once per kernel to the device's opt-in limit, which every plan fits.
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      qstream_kernel<Ta, kSteps, kWarps, kMemOnly>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      l.smem_optin);
+  if (attr != cudaSuccess)
+    return fail(TK_ERR_BACKEND, "qmatmul_int4: cannot reserve %zu bytes of shared memory: %s",
+                smem_bytes, cudaGetErrorString(attr));
   qstream_kernel<Ta, kSteps, kWarps, kMemOnly><<<grid, kWarps * 32, smem_bytes, l.stream>>>(p, pl);
   return check_launch("qmatmul_int4");
 }

@@ -58,6 +58,7 @@ int main() {
   Launch l{};
   l.stream = 0;
   l.num_sms = sms;
+  cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
