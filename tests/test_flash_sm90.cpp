@@ -1,11 +1,12 @@
 // flash_attention cases aimed at the Hopper kernel (src/cuda/flash_attention_sm90.cu):
-// 128 x 128 tiles, a ring of K/V stages, key tiles visited last-to-first. The
-// shared harness's FlashAttention suite covers the small shapes; these add many
-// tiles (ring wrap-around, stage reuse), partial last tiles, key/query lengths
-// that differ, variable-length batches whose tiles straddle sequences, and
-// layouts TMA cannot take (they must still be right through the portable
-// kernel). The cases are costly for the host backends' reference run, so most
-// run on CUDA only (cases_for drops them elsewhere).
+// 128 x 128 tiles, a ring of K/V stages, key tiles visited last-to-first, a
+// persistent grid. The shared harness's FlashAttention suite covers the small
+// shapes; these add many tiles (ring wrap-around, stage reuse), partial last
+// tiles, key/query lengths that differ, variable-length batches whose tiles
+// straddle sequences, enough query tiles for the persistent grid, and layouts
+// TMA cannot take (they must still be right through the portable kernel). The
+// cases are costly for the host backends' reference run, so most run on CUDA
+// only (cases_for drops them elsewhere).
 #include "ops.h"
 
 namespace tk::test {
@@ -48,6 +49,19 @@ std::vector<Case> flash_sm90_cases() {
     FlashShape g{TK_F16, 2, 1, dh, {{1, 1}, {33, 5}}, false, false};
     g.pad_k = 150;
     add(g);
+  }
+  // Many query tiles (over 8 per SM of an H100: the persistent grid, each CTA
+  // walking several tiles, its K/V ring and Q buffer phases running on across
+  // them): one long sequence sets the tiles per head, the short ones leave
+  // most of them without rows; empty key ranges (rows that see no key) and
+  // keys that end mid-tile in between.
+  for (int64_t dh : {64, 128}) {
+    std::vector<std::pair<int64_t, int64_t>> seqs;
+    for (int64_t i = 0; i < 40; ++i)
+      seqs.push_back(i == 1 ? std::pair<int64_t, int64_t>{1200, 1300}
+                            : std::pair<int64_t, int64_t>{(i * 37) % 150 + (i % 9 != 0),
+                                                            i % 11 == 5 ? 0 : (i * 53) % 170});
+    add(FlashShape{dh == 64 ? TK_F16 : TK_BF16, 4, 2, dh, seqs, true, true});
   }
   // Layouts TMA cannot take: an odd row pad and a base one element off. The
   // portable kernel serves them on Hopper too.

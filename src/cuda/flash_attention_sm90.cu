@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/attention/flash_sm90.h"
 #include "cuda/attention/hopper.cuh"
@@ -40,6 +42,9 @@ struct Sm90Args {
   const int32_t* cu_k;
   int64_t total_q, total_k, max_q, max_k;
   int group;  // Hq / Hkv
+  int heads;     // Hq
+  int m_blocks;  // query tiles per (sequence, head)
+  int num_tiles; // batch * heads * m_blocks
   float scale_log2;
   int causal;
   unsigned int* error_flag;
@@ -52,8 +57,10 @@ struct Sm90Args {
 // exponential, so the special-function unit is as busy as the tensor cores;
 // three consumer warpgroups (192 rows, FlashAttention-3's choice) give the
 // scheduler more to overlap, at 160 registers each (4 warpgroups share 64K).
-// Shared memory: Q plus kStages K and V tiles (D 128: 32 + 2 x 64 KB; D 64:
-// 24 + 3 x 32 KB), plus 1 KB to align the swizzle pattern to 1024 bytes.
+// Shared memory: Q, the output staging tile (its own buffer, so the next
+// tile's Q can land during this tile's epilogue) and kStages K and V tiles
+// (D 128: 2 x 32 + 2 x 64 KB; D 64: 2 x 24 + 3 x 32 KB), plus 1 KB to align
+// the swizzle pattern to 1024 bytes.
 // (A third stage at D 128 measured the same on H100, 2026-11-25.)
 template <int D>
 struct Sm90Config {
@@ -66,10 +73,71 @@ struct Sm90Config {
   static constexpr int kConsumerRegs = D == 64 ? 160 : 232;
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;
-  static constexpr int kSmemBytes = 1024 + int(kQBytes) + 2 * kStages * int(kKVBytes);
+  static constexpr int kSmemBytes = 1024 + 2 * int(kQBytes) + 2 * kStages * int(kKVBytes);
   static_assert(D == 64 || D == 128, "the sm_90 kernel takes head dims 64 and 128");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
+
+// One query tile of the persistent schedule and what its rows see.
+struct Sm90Tile {
+  int b, h, m_block;
+  int64_t q0, k0;
+  int len_q, len_k, m_begin;
+  int n_tiles;  // key tiles to visit (0: the rows see no key)
+};
+
+// Tile t of the launch: (sequence, head)-major, the heaviest (causal) query
+// block of each head first, as the one-CTA-per-tile grid ordered them; the
+// CTAs in flight then share a few heads' K and V in L2.
+// Returns false when the tile has no rows (a shorter sequence of the batch)
+// or its sequence's offsets are out of range (raising the device flag).
+template <int D>
+__device__ __forceinline__ bool sm90_tile(const Sm90Args& a, int t, bool raise, Sm90Tile& w) {
+  using Cfg = Sm90Config<D>;
+  w.m_block = a.m_blocks - 1 - t % a.m_blocks;
+  const int bh = t / a.m_blocks;
+  w.h = bh % a.heads;
+  w.b = bh / a.heads;
+  const int64_t q0 = a.cu_q[w.b], q1 = a.cu_q[w.b + 1];
+  const int64_t k0 = a.cu_k[w.b], k1 = a.cu_k[w.b + 1];
+  if (!(0 <= q0 && q0 <= q1 && q1 <= a.total_q && q1 - q0 <= a.max_q && 0 <= k0 && k0 <= k1 &&
+        k1 <= a.total_k && k1 - k0 <= a.max_k)) {
+    if (raise && w.m_block == 0 && w.h == 0) raise_index_error(a.error_flag);
+    return false;
+  }
+  w.q0 = q0;
+  w.k0 = k0;
+  w.len_q = int(q1 - q0);
+  w.len_k = int(k1 - k0);
+  w.m_begin = w.m_block * Cfg::kBlockM;
+  if (w.m_begin >= w.len_q) return false;
+  // Causal is aligned to the bottom right: row i sees keys j <= i + len_k - len_q.
+  const int n_end = a.causal ? max(0, min(w.len_k, w.m_begin + Cfg::kBlockM + w.len_k - w.len_q))
+                             : w.len_k;
+  w.n_tiles = (n_end + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  return true;
+}
+
+// The persistent schedule: CTA c takes position c of each even round of
+// gridDim.x tiles and position gridDim.x - 1 - c of each odd one, so the
+// heavy and light ends of the rounds even out. A grid of one CTA per tile is
+// the plain one-tile-per-CTA launch.
+__device__ __forceinline__ int sm90_tile_index(int round) {
+  const int g = int(gridDim.x), c = int(blockIdx.x);
+  return round * g + ((round & 1) ? g - 1 - c : c);
+}
+
+// The next tile with rows to compute at or after `round` of this CTA's
+// schedule; false when there is none.
+template <int D>
+__device__ __forceinline__ bool sm90_next(const Sm90Args& a, int& round, bool raise, Sm90Tile& w) {
+  for (;; ++round) {
+    const int t = sm90_tile_index(round);
+    if (t >= a.num_tiles) return false;
+    if (sm90_tile<D>(a, t, raise, w)) return true;
+  }
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
@@ -82,53 +150,38 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
   constexpr uint32_t kQBytes = Cfg::kQBytes, kKVBytes = Cfg::kKVBytes;
   extern __shared__ unsigned char smem_raw[];
-  // q_full, k_full[kS], v_full[kS], k_empty[kS], v_empty[kS]
-  __shared__ __align__(8) uint64_t bars[1 + 4 * kS];
+  // q_full, q_empty, k_full[kS], v_full[kS], k_empty[kS], v_empty[kS]
+  __shared__ __align__(8) uint64_t bars[2 + 4 * kS];
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal blocks first
   const int tid = threadIdx.x;
-
-  const int64_t q0 = a.cu_q[b], q1 = a.cu_q[b + 1];
-  const int64_t k0 = a.cu_k[b], k1 = a.cu_k[b + 1];
-  if (!(0 <= q0 && q0 <= q1 && q1 <= a.total_q && q1 - q0 <= a.max_q && 0 <= k0 && k0 <= k1 &&
-        k1 <= a.total_k && k1 - k0 <= a.max_k)) {
-    if (tid == 0 && blockIdx.x == 0 && h == 0) raise_index_error(a.error_flag);
-    return;
-  }
-  const int len_q = int(q1 - q0), len_k = int(k1 - k0);
-  const int m_begin = m_block * kBM;
-  if (m_begin >= len_q) return;
-  const int kvh = h / a.group;
-  // Causal is aligned to the bottom right: row i sees keys j <= i + diag.
-  const int diag = len_k - len_q;
-  const int n_end = a.causal ? max(0, min(len_k, m_begin + kBM + diag)) : len_k;
-  const int n_tiles = (n_end + kBN - 1) / kBN;
-
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base;
-  auto sK = [&](int s) { return base + kQBytes + uint32_t(s) * kKVBytes; };
-  auto sV = [&](int s) { return base + kQBytes + uint32_t(kS + s) * kKVBytes; };
+  const uint32_t sO = base + kQBytes;
+  auto sK = [&](int s) { return base + 2 * kQBytes + uint32_t(s) * kKVBytes; };
+  auto sV = [&](int s) { return base + 2 * kQBytes + uint32_t(kS + s) * kKVBytes; };
   const uint32_t bar0 = smem_addr(bars);
-  const uint32_t q_full = bar0;
-  auto k_full = [&](int s) { return bar0 + 8u * uint32_t(1 + s); };
-  auto v_full = [&](int s) { return bar0 + 8u * uint32_t(1 + kS + s); };
-  auto k_empty = [&](int s) { return bar0 + 8u * uint32_t(1 + 2 * kS + s); };
-  auto v_empty = [&](int s) { return bar0 + 8u * uint32_t(1 + 3 * kS + s); };
+  const uint32_t q_full = bar0, q_empty = bar0 + 8u;
+  auto k_full = [&](int s) { return bar0 + 8u * uint32_t(2 + s); };
+  auto v_full = [&](int s) { return bar0 + 8u * uint32_t(2 + kS + s); };
+  auto k_empty = [&](int s) { return bar0 + 8u * uint32_t(2 + 2 * kS + s); };
+  auto v_empty = [&](int s) { return bar0 + 8u * uint32_t(2 + 3 * kS + s); };
 
   if (tid == 0) {
-    mbar_init(q_full, 1);
+    mbar_init(q_full, 1);         // the producer's arrive.expect_tx; TMA bytes complete it
+    mbar_init(q_empty, 4 * kWG);  // lane 0 of each consumer warp, after its last Q K^T
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
-      mbar_init(k_full(s), 1);   // the producer's arrive.expect_tx; TMA bytes complete it
+      mbar_init(k_full(s), 1);
       mbar_init(v_full(s), 1);
-      mbar_init(k_empty(s), 4 * kWG);  // lane 0 of each consumer warp
+      mbar_init(k_empty(s), 4 * kWG);
       mbar_init(v_empty(s), 4 * kWG);
     }
     mbar_init_fence();
   }
   __syncthreads();
 
+  // Both roles walk the same schedule; the K/V ring and the Q buffer count
+  // their fills (and so their mbarrier phases) across tiles.
   if (tid < 128) {
     // Producer warpgroup: one thread issues every copy; the rest idle out.
     regs_dealloc<Cfg::kProducerRegs>();
@@ -136,25 +189,35 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       tma_prefetch_map(&a.q_map);
       tma_prefetch_map(&a.k_map);
       tma_prefetch_map(&a.v_map);
-      mbar_arrive_expect_tx(q_full, kQBytes);
-#pragma unroll
-      for (int c = 0; c < kBlocks; ++c)
-        tma_load_3d(sQ + uint32_t(c) * kBM * 128, &a.q_map, 64 * c, h, int(q0) + m_begin, q_full);
-      for (int i = 0; i < n_tiles; ++i) {
-        const int s = i % kS;
-        const int row = int(k0) + (n_tiles - 1 - i) * kBN;
-        // Fill i of stage s reuses it after fill i - kS was consumed.
-        const uint32_t empty_parity = uint32_t((i / kS) - 1) & 1u;
-        if (i >= kS) mbar_wait(k_empty(s), empty_parity);
-        mbar_arrive_expect_tx(k_full(s), kKVBytes);
+      int fill = 0;  // K/V fills so far
+      int tiles = 0;
+      Sm90Tile w;
+      for (int round = 0; sm90_next<D>(a, round, true, w); ++round, ++tiles) {
+        // Q of this tile overwrites the previous one once every consumer
+        // warp's last Q K^T has read it.
+        if (tiles > 0) mbar_wait(q_empty, uint32_t(tiles - 1) & 1u);
+        mbar_arrive_expect_tx(q_full, kQBytes);
 #pragma unroll
         for (int c = 0; c < kBlocks; ++c)
-          tma_load_3d(sK(s) + uint32_t(c) * kBN * 128, &a.k_map, 64 * c, kvh, row, k_full(s));
-        if (i >= kS) mbar_wait(v_empty(s), empty_parity);
-        mbar_arrive_expect_tx(v_full(s), kKVBytes);
+          tma_load_3d(sQ + uint32_t(c) * kBM * 128, &a.q_map, 64 * c, w.h,
+                      int(w.q0) + w.m_begin, q_full);
+        const int kvh = w.h / a.group;
+        for (int i = 0; i < w.n_tiles; ++i, ++fill) {
+          const int s = fill % kS;
+          const int row = int(w.k0) + (w.n_tiles - 1 - i) * kBN;
+          // Fill f of stage s reuses it after fill f - kS was consumed.
+          const uint32_t empty_parity = uint32_t((fill / kS) - 1) & 1u;
+          if (fill >= kS) mbar_wait(k_empty(s), empty_parity);
+          mbar_arrive_expect_tx(k_full(s), kKVBytes);
 #pragma unroll
-        for (int c = 0; c < kBlocks; ++c)
-          tma_load_3d(sV(s) + uint32_t(c) * kBN * 128, &a.v_map, 64 * c, kvh, row, v_full(s));
+          for (int c = 0; c < kBlocks; ++c)
+            tma_load_3d(sK(s) + uint32_t(c) * kBN * 128, &a.k_map, 64 * c, kvh, row, k_full(s));
+          if (fill >= kS) mbar_wait(v_empty(s), empty_parity);
+          mbar_arrive_expect_tx(v_full(s), kKVBytes);
+#pragma unroll
+          for (int c = 0; c < kBlocks; ++c)
+            tma_load_3d(sV(s) + uint32_t(c) * kBN * 128, &a.v_map, 64 * c, kvh, row, v_full(s));
+        }
       }
     }
     return;
@@ -183,11 +246,9 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   };
 
   float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float s_acc[kBN / 2];             // S accumulators, 8-column chunk j in s_acc[4j .. 4j + 3]
   uint32_t p[kBN / 16][4];          // P as the A operand of each k16 step of P V
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float row_max[2], row_sum[2];
   float alpha[2];
 
   auto issue_qk = [&](int s) {
@@ -204,181 +265,221 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
-  // leaves the probabilities in s_acc and the factor rescaling O in alpha.
-  auto softmax = [&](int n0) {
-    const bool need_mask = n0 + kBN > len_k ||
-                           (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
-    if (need_mask) {
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = m_begin + row0 + 8 * (e / 2);
-          const int col = n0 + 8 * j + 2 * t + (e % 2);
-          if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-        mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
-      // A row with no visible key so far keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[hr] = fast_exp2(row_max[hr] - m_use);
-      row_max[hr] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
-          s_acc[4 * j + e] = fast_exp2(s_acc[4 * j + e] * a.scale_log2 - m_use);
-          sum += s_acc[4 * j + e];
-        }
-      row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
-    }
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      p[kk][0] = pack2<T>(s_acc[8 * kk + 0], s_acc[8 * kk + 1]);
-      p[kk][1] = pack2<T>(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
-      p[kk][2] = pack2<T>(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
-      p[kk][3] = pack2<T>(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
-    }
-  };
-  auto rescale_o = [&] {
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[4 * j + 0] *= alpha[0];
-      o[4 * j + 1] *= alpha[0];
-      o[4 * j + 2] *= alpha[1];
-      o[4 * j + 3] *= alpha[1];
-    }
-  };
-
   // The warpgroups take turns issuing their wgmmas, round robin (named
   // barriers 4 + wg, FlashAttention-3's ping-pong): one's softmax then runs
   // while the others' products occupy the tensor cores. Warpgroup 0 goes
-  // first; each issues n_tiles + 1 batches, and the last warpgroup skips its
-  // last hand-over so no barrier is left half-arrived. (Barriers 1 .. kWG:
-  // each warpgroup's epilogue; 7: all consumers, once, after tile 0.)
+  // first; each issues n_tiles + 1 batches per tile, and the turns run on
+  // across tiles: the last warpgroup hands its last batch of a tile over only
+  // when a later tile has batches, and otherwise starts the next one with a
+  // bare hand-over, so no barrier is left half-arrived. (Barriers 1 .. kWG:
+  // each warpgroup's epilogue; 7: all consumers, once, after a tile's first batch.)
   auto my_turn = [&] { named_sync(4 + wg, 256); };
   auto your_turn = [&] { named_arrive(4 + (wg + 1) % kWG, 256); };
 
-  mbar_wait(q_full, 0);
-  if (n_tiles > 0) {
-    if (wg == kWG - 1) named_arrive(4, 256);
-    // Tile 0 (the last key tile): S, softmax, P.
-    mbar_wait(k_full(0), 0);
-    my_turn();
-    wgmma_fence();
-    issue_qk(0);
-    your_turn();
-    wgmma_wait<0>();
-    reg_fence(s_acc);
-    release(k_empty(0));
-    softmax((n_tiles - 1) * kBN);
-    pack_p();
-    // The box of the last key tile runs past the sequence's end into the next
-    // sequence's rows (or padding rows past the last one). Their scores are
-    // masked, but P = 0 times a NaN or inf there would still reach O, so those
-    // V rows become zeros before any warpgroup multiplies by them. A row of
-    // the tile is 128 contiguous bytes in each 64-column block (the swizzle
-    // only permutes chunks within a row).
-    const int tail = len_k - (n_tiles - 1) * kBN;  // valid rows of the tile, CTA-uniform
-    if (tail < kBN) {
-      mbar_wait(v_full(0), 0);
-      constexpr int kRowChunks = 128 / 16;
-      for (int i = tid - 128; i < (kBN - tail) * kBlocks * kRowChunks; i += 128 * kWG) {
-        const int r = tail + i / (kBlocks * kRowChunks), c = (i / kRowChunks) % kBlocks;
-        st_shared16(sV(0) + uint32_t(c) * kBN * 128 + uint32_t(r) * 128 + (i % kRowChunks) * 16,
-                    make_uint4(0, 0, 0, 0));
+  int fill = 0;        // K/V fills consumed so far (the producer's count)
+  int tiles = 0;       // tiles (Q fills) so far
+  bool handed = false; // the last warpgroup's last batch handed the turn to warpgroup 0
+  Sm90Tile w, next;
+  int round = 0;
+  bool have = sm90_next<D>(a, round, false, w);
+  while (have) {
+    // The next tile (read after this one's main loop, off its registers).
+    int next_round = round + 1;
+    bool have_next = false;
+    const int len_q = w.len_q, len_k = w.len_k, m_begin = w.m_begin, n_tiles = w.n_tiles;
+    const int diag = len_k - len_q;
+
+    // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
+    // leaves the probabilities in s_acc and the factor rescaling O in alpha.
+    auto softmax = [&](int n0) {
+      const bool need_mask = n0 + kBN > len_k ||
+                             (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
+      if (need_mask) {
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m_begin + row0 + 8 * (e / 2);
+            const int col = n0 + 8 * j + 2 * t + (e % 2);
+            if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
+          }
       }
-      fence_proxy_async();
-      named_sync(7, 128 * kWG);
-    }
-    // Tile i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) in flight together; the
-    // softmax of S(i) runs while P V finishes, then O is rescaled.
-    for (int i = 1; i < n_tiles; ++i) {
-      const int s = i % kS, ps = (i - 1) % kS;
-      mbar_wait(k_full(s), uint32_t(i / kS) & 1u);
-      mbar_wait(v_full(ps), uint32_t((i - 1) / kS) & 1u);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+          mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
+        // A row with no visible key so far keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[hr] = fast_exp2(row_max[hr] - m_use);
+        row_max[hr] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+            s_acc[4 * j + e] = fast_exp2(s_acc[4 * j + e] * a.scale_log2 - m_use);
+            sum += s_acc[4 * j + e];
+          }
+        row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
+      }
+    };
+    auto pack_p = [&] {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        p[kk][0] = pack2<T>(s_acc[8 * kk + 0], s_acc[8 * kk + 1]);
+        p[kk][1] = pack2<T>(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
+        p[kk][2] = pack2<T>(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
+        p[kk][3] = pack2<T>(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
+      }
+    };
+    auto rescale_o = [&] {
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 0] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+      }
+    };
+
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+
+    mbar_wait(q_full, uint32_t(tiles) & 1u);
+    if (n_tiles > 0) {
+      const int f0 = fill;  // this tile's first fill
+      auto stage = [&](int i) { return (f0 + i) % kS; };
+      auto phase = [&](int i) { return uint32_t((f0 + i) / kS) & 1u; };
+      if (wg == kWG - 1 && !handed) named_arrive(4, 256);
+      // Tile 0 (the last key tile): S, softmax, P.
+      mbar_wait(k_full(stage(0)), phase(0));
+      my_turn();
+      wgmma_fence();
+      issue_qk(stage(0));
+      your_turn();
+      wgmma_wait<0>();
+      reg_fence(s_acc);
+      release(k_empty(stage(0)));
+      softmax((n_tiles - 1) * kBN);
+      pack_p();
+      // The box of the last key tile runs past the sequence's end into the next
+      // sequence's rows (or padding rows past the last one). Their scores are
+      // masked, but P = 0 times a NaN or inf there would still reach O, so those
+      // V rows become zeros before any warpgroup multiplies by them. A row of
+      // the tile is 128 contiguous bytes in each 64-column block (the swizzle
+      // only permutes chunks within a row).
+      const int tail = len_k - (n_tiles - 1) * kBN;  // valid rows of the tile, CTA-uniform
+      if (tail < kBN) {
+        mbar_wait(v_full(stage(0)), phase(0));
+        constexpr int kRowChunks = 128 / 16;
+        const uint32_t v0 = sV(stage(0));
+        for (int i = tid - 128; i < (kBN - tail) * kBlocks * kRowChunks; i += 128 * kWG) {
+          const int r = tail + i / (kBlocks * kRowChunks), c = (i / kRowChunks) % kBlocks;
+          st_shared16(v0 + uint32_t(c) * kBN * 128 + uint32_t(r) * 128 + (i % kRowChunks) * 16,
+                      make_uint4(0, 0, 0, 0));
+        }
+        fence_proxy_async();
+        named_sync(7, 128 * kWG);
+      }
+      // Tile i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) in flight together; the
+      // softmax of S(i) runs while P V finishes, then O is rescaled.
+      for (int i = 1; i < n_tiles; ++i) {
+        const int s = stage(i), ps = stage(i - 1);
+        mbar_wait(k_full(s), phase(i));
+        mbar_wait(v_full(ps), phase(i - 1));
+        reg_fence(o);
+        reg_fence(p);
+        my_turn();
+        wgmma_fence();
+        issue_qk(s);
+        issue_pv(ps);
+        your_turn();
+        wgmma_wait<1>();
+        reg_fence(s_acc);
+        release(k_empty(s));
+        softmax((n_tiles - 1 - i) * kBN);
+        wgmma_wait<0>();
+        reg_fence(o);
+        release(v_empty(ps));
+        rescale_o();
+        pack_p();
+      }
+      // Every Q K^T of this tile is complete: the producer may load the next Q.
+      release(q_empty);
+      const int ls = stage(n_tiles - 1);
+      mbar_wait(v_full(ls), phase(n_tiles - 1));
       reg_fence(o);
       reg_fence(p);
       my_turn();
       wgmma_fence();
-      issue_qk(s);
-      issue_pv(ps);
-      your_turn();
-      wgmma_wait<1>();
-      reg_fence(s_acc);
-      release(k_empty(s));
-      softmax((n_tiles - 1 - i) * kBN);
+      issue_pv(ls);
+      if (wg != kWG - 1) your_turn();
+      have_next = sm90_next<D>(a, next_round, false, next);  // under this P V
+      handed = have_next && next.n_tiles > 0;
+      if (wg == kWG - 1 && handed) your_turn();
       wgmma_wait<0>();
       reg_fence(o);
-      release(v_empty(ps));
-      rescale_o();
-      pack_p();
+      release(v_empty(ls));
+      fill += n_tiles;
+    } else {
+      release(q_empty);
+      have_next = sm90_next<D>(a, next_round, false, next);
     }
-    const int ls = (n_tiles - 1) % kS;
-    mbar_wait(v_full(ls), uint32_t((n_tiles - 1) / kS) & 1u);
-    reg_fence(o);
-    reg_fence(p);
-    my_turn();
-    wgmma_fence();
-    issue_pv(ls);
-    if (wg != kWG - 1) your_turn();
-    wgmma_wait<0>();
-    reg_fence(o);
-    release(v_empty(ls));
-  }
+    ++tiles;
 
-  // Epilogue: normalise, write lse, stage O (16-bit) in this warpgroup's own
-  // Q rows (same swizzle), then 16-byte stores of the rows inside the sequence.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[4 * j + 2 * hr] *= inv;
-      o[4 * j + 2 * hr + 1] *= inv;
-    }
-    const int row = m_begin + row0 + 8 * hr;
-    if (a.lse && t == 0 && row < len_q)
-      a.lse[int64_t(h) * a.total_q + q0 + row] =
-          l > 0.f ? (row_max[hr] + __log2f(l)) * kLn2 : -INFINITY;
-  }
-  named_sync(1 + wg, 128);  // every warp of this warpgroup is done reading its Q rows
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+    // Epilogue: normalise, write lse, stage O (16-bit) in this warpgroup's rows
+    // of the output tile (Q's swizzle), then 16-byte stores of the rows inside
+    // the sequence.
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int r = row0 + 8 * hr;
-      const uint32_t chunk = uint32_t((j % 8) ^ (r % 8));
-      st_shared4(sQ + uint32_t(j / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4) + t * 4,
-                 pack2<T>(o[4 * j + 2 * hr], o[4 * j + 2 * hr + 1]));
-    }
-  named_sync(1 + wg, 128);
-  T* out = static_cast<T*>(a.out) + q0 * a.o_tok + h * a.o_head;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+      float l = row_sum[hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
-  for (int it = 0; it < 64 * kChunks / 128; ++it) {
-    const int i = (tid % 128) + it * 128;
-    const int r = 64 * wg + i / kChunks, c = i % kChunks;
-    const int row = m_begin + r;
-    const uint32_t chunk = uint32_t((c % 8) ^ (r % 8));
-    if (row < len_q)
-      st16(out + int64_t(row) * a.o_tok + c * 8,
-           ld_shared16(sQ + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 2 * hr] *= inv;
+        o[4 * j + 2 * hr + 1] *= inv;
+      }
+      const int row = m_begin + row0 + 8 * hr;
+      if (a.lse && t == 0 && row < len_q)
+        a.lse[int64_t(w.h) * a.total_q + w.q0 + row] =
+            l > 0.f ? (row_max[hr] + __log2f(l)) * kLn2 : -INFINITY;
+    }
+    named_sync(1 + wg, 128);  // this warpgroup's reads of the previous tile's output are done
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = row0 + 8 * hr;
+        const uint32_t chunk = uint32_t((j % 8) ^ (r % 8));
+        st_shared4(sO + uint32_t(j / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4) + t * 4,
+                   pack2<T>(o[4 * j + 2 * hr], o[4 * j + 2 * hr + 1]));
+      }
+    named_sync(1 + wg, 128);
+    T* out = static_cast<T*>(a.out) + w.q0 * a.o_tok + w.h * a.o_head;
+    constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int it = 0; it < 64 * kChunks / 128; ++it) {
+      const int i = (tid % 128) + it * 128;
+      const int r = 64 * wg + i / kChunks, c = i % kChunks;
+      const int row = m_begin + r;
+      const uint32_t chunk = uint32_t((c % 8) ^ (r % 8));
+      if (row < len_q)
+        st16(out + int64_t(row) * a.o_tok + c * 8,
+             ld_shared16(sO + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
+    }
+
+    w = next;
+    round = next_round;
+    have = have_next;
   }
 #endif  // TK_SM90A
 }
@@ -415,9 +516,29 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Grid: one CTA per SM looping over the tiles (persistent) once there are
+// many rounds of them, which saves each tile the start of a CTA (Q and first
+// K/V load latency) and lets the next tile's loads run under this one's
+// epilogue; with few rounds the static schedule cannot even out the causal
+// tiles as well as the hardware's dynamic one, so each tile gets its own CTA.
+// TK_FLASH_SM90_GRID (read once) overrides it for measurements and tests:
+// "tiles" (one CTA per tile), "persistent" (one per SM) or a CTA count.
+int sm90_grid(int num_tiles, int num_sms) {
+  static const int forced = [] {  // 0: the rule below, -1: one CTA per tile, n: n CTAs
+    const char* e = std::getenv("TK_FLASH_SM90_GRID");
+    if (!e || !*e) return 0;
+    if (std::strcmp(e, "tiles") == 0) return -1;
+    if (std::strcmp(e, "persistent") == 0) return INT_MAX;
+    return std::max(0, std::atoi(e));
+  }();
+  constexpr int kMinRounds = 8;
+  if (forced == -1) return num_tiles;
+  if (forced > 0) return std::min(num_tiles, forced == INT_MAX ? std::max(num_sms, 1) : forced);
+  return num_sms > 0 && num_tiles >= kMinRounds * num_sms ? num_sms : num_tiles;
+}
+
 template <typename T, int D>
-tk_status launch_sm90(const Sm90Args& a, int64_t batch, int64_t heads, int64_t max_q,
-                      const Launch& l) {
+tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   using Cfg = Sm90Config<D>;
   auto kernel = flash_fwd_sm90_kernel<T, D>;
   static const cudaError_t attr = cudaFuncSetAttribute(
@@ -425,9 +546,8 @@ tk_status launch_sm90(const Sm90Args& a, int64_t batch, int64_t heads, int64_t m
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "flash_attention: cannot reserve %d bytes of shared memory: %s",
                 Cfg::kSmemBytes, cudaGetErrorString(attr));
-  const dim3 grid(unsigned((max_q + Cfg::kBlockM - 1) / Cfg::kBlockM), unsigned(heads),
-                  unsigned(batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(a);
+  kernel<<<unsigned(sm90_grid(a.num_tiles, l.num_sms)), Cfg::kThreads, Cfg::kSmemBytes,
+           l.stream>>>(a);
   return check_launch("flash_attention");
 }
 
@@ -445,11 +565,13 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
       !heads_aligned16(p.out, p.out_token_stride, p.out_head_stride))
     return false;
   if (p.total_q > INT_MAX || p.total_k > INT_MAX) return false;  // TMA coordinates are int32
+  const int q_rows = p.head_dim == 64 ? Sm90Config<64>::kBlockM : Sm90Config<128>::kBlockM;
+  const int64_t tiles = p.batch * p.num_q_heads * ((p.max_seqlen_q + q_rows - 1) / q_rows);
+  if (tiles > INT_MAX) return false;  // tile indices are int32
   Sm90Args a{};
   constexpr int kKeyRows = 128;
   static_assert(Sm90Config<64>::kBlockN == kKeyRows && Sm90Config<128>::kBlockN == kKeyRows,
                 "one box height for K and V");
-  const int q_rows = p.head_dim == 64 ? Sm90Config<64>::kBlockM : Sm90Config<128>::kBlockM;
   if (!encode_heads(&a.q_map, p.dtype, p.q, p.total_q, p.num_q_heads, p.head_dim, p.q_token_stride,
                     p.q_head_stride, q_rows) ||
       !encode_heads(&a.k_map, p.dtype, p.k, p.total_k, p.num_kv_heads, p.head_dim,
@@ -468,16 +590,19 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.max_q = p.max_seqlen_q;
   a.max_k = p.max_seqlen_k;
   a.group = int(p.num_q_heads / p.num_kv_heads);
+  a.heads = int(p.num_q_heads);
+  a.m_blocks = int((p.max_seqlen_q + q_rows - 1) / q_rows);
+  a.num_tiles = int(tiles);
   a.scale_log2 = p.scale * kLog2e;
   a.causal = p.causal != 0;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
   if (p.head_dim == 64)
-    *status = f16 ? launch_sm90<__half, 64>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l)
-                  : launch_sm90<__nv_bfloat16, 64>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l);
+    *status = f16 ? launch_sm90<__half, 64>(a, l)
+                  : launch_sm90<__nv_bfloat16, 64>(a, l);
   else
-    *status = f16 ? launch_sm90<__half, 128>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l)
-                  : launch_sm90<__nv_bfloat16, 128>(a, p.batch, p.num_q_heads, p.max_seqlen_q, l);
+    *status = f16 ? launch_sm90<__half, 128>(a, l)
+                  : launch_sm90<__nv_bfloat16, 128>(a, l);
   return true;
 #else
   (void)p;
