@@ -47,7 +47,6 @@ struct Sm90Args {
   int num_tiles; // batch * heads * m_blocks
   float scale_log2;
   int causal;
-  int poly_exp;  // head dim 64: every 8th exponential of an unmasked tile on the FMA pipe
   unsigned int* error_flag;
 };
 
@@ -319,26 +318,13 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         alpha[hr] = fast_exp2(row_max[hr] - m_use);
         row_max[hr] = m_new;
         float sum = 0.f;
-        // Head dim 64: the special-function unit is the tensor cores' equal, so
-        // one column chunk in kPolyEvery takes the FMA pipe's exp2 (unmasked
-        // tiles only: exp2_poly gives no exact 0 for -inf).
-        constexpr int kPolyEvery = D == 64 ? 8 : kBN;
-        auto exps = [&](auto poly) {
 #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j)
+        for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
-            for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
-              const float x = s_acc[4 * j + e] * a.scale_log2 - m_use;
-              s_acc[4 * j + e] = decltype(poly)::value && j % kPolyEvery == kPolyEvery - 1
-                                     ? exp2_poly(x)
-                                     : fast_exp2(x);
-              sum += s_acc[4 * j + e];
-            }
-        };
-        if (D == 64 && a.poly_exp && !need_mask)
-          exps(std::true_type{});
-        else
-          exps(std::false_type{});
+          for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+            s_acc[4 * j + e] = fast_exp2(s_acc[4 * j + e] * a.scale_log2 - m_use);
+            sum += s_acc[4 * j + e];
+          }
         row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
       }
     };
@@ -609,12 +595,6 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.num_tiles = int(tiles);
   a.scale_log2 = p.scale * kLog2e;
   a.causal = p.causal != 0;
-  // TK_FLASH_SM90_EXP=mufu keeps every exponential on the special-function unit (A/B).
-  static const bool mufu_only = [] {
-    const char* e = std::getenv("TK_FLASH_SM90_EXP");
-    return e && std::strcmp(e, "mufu") == 0;
-  }();
-  a.poly_exp = !mufu_only;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
   if (p.head_dim == 64)

@@ -97,25 +97,6 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 }
 
 // ---------------------------------------------------------------------------
-// 2^x on the FMA pipe, for moving part of the softmax's exponentials off the
-// special-function unit (16 a clock per SM: at head dim 64 as busy as the
-// tensor cores). round(x) goes straight into the exponent field; a degree-3
-// minimax polynomial covers 2^f for f = x - round(x) in [-1/2, 1/2] (relative
-// error 7.5e-5, under f16's rounding of P). Meant for unmasked scores (x <= 0
-// up to rounding, finite): below -126 it gives a value under 2^-126, not 0.
-// ---------------------------------------------------------------------------
-__device__ __forceinline__ float exp2_poly(float x) {
-  constexpr float kShifter = 12582912.f;  // 1.5 * 2^23: the sum's low mantissa bits hold round(x)
-  x = fmaxf(x, -126.f);
-  const float t = __fadd_rn(x, kShifter);
-  const float f = __fsub_rn(x, __fsub_rn(t, kShifter));
-  float p = fmaf(f, 0.0551716685f, 0.242611125f);
-  p = fmaf(p, f, 0.693260968f);
-  p = fmaf(p, f, 0.999928057f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
-// ---------------------------------------------------------------------------
 // wgmma. Shared operands are described by a 64-bit descriptor; every tile
 // here uses the 128-byte swizzle that TMA writes (16-byte chunk c of row r
 // stored at chunk c ^ (r % 8) of a 128-byte row, pattern aligned to 1024 B):
