@@ -516,14 +516,17 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Grid: one CTA per SM looping over the tiles (persistent) once there are
-// many rounds of them, which saves each tile the start of a CTA (Q and first
-// K/V load latency) and lets the next tile's loads run under this one's
-// epilogue; with few rounds the static schedule cannot even out the causal
-// tiles as well as the hardware's dynamic one, so each tile gets its own CTA.
-// TK_FLASH_SM90_GRID (read once) overrides it for measurements and tests:
-// "tiles" (one CTA per tile), "persistent" (one per SM) or a CTA count.
-int sm90_grid(int num_tiles, int num_sms) {
+// Grid: one CTA per SM looping over the tiles (persistent) when there are
+// many rounds of short tiles. That saves each tile the start of a CTA (Q and
+// first K/V load latency, barrier setup) and runs the next tile's loads under
+// this one's epilogue; but the static schedule evens out causal tiles less
+// well than the hardware's dynamic one, which wins once tiles are long
+// (measured on H100, bf16 causal D 128: B4 H32 S4096 536 -> 552 TFLOP/s,
+// B1 H32 S16384 607 -> 600), and with few rounds. Long means more than 32 key
+// tiles per query tile on average (causal keys past 8192, full past 4096).
+// TK_FLASH_SM90_GRID (read once) overrides the rule for measurements and
+// tests: "tiles" (one CTA per tile), "persistent" (one per SM) or a CTA count.
+int sm90_grid(int num_tiles, int num_sms, int64_t max_k, bool causal) {
   static const int forced = [] {  // 0: the rule below, -1: one CTA per tile, n: n CTAs
     const char* e = std::getenv("TK_FLASH_SM90_GRID");
     if (!e || !*e) return 0;
@@ -532,9 +535,13 @@ int sm90_grid(int num_tiles, int num_sms) {
     return std::max(0, std::atoi(e));
   }();
   constexpr int kMinRounds = 8;
+  constexpr int64_t kMaxAvgKeyTiles = 32;
   if (forced == -1) return num_tiles;
   if (forced > 0) return std::min(num_tiles, forced == INT_MAX ? std::max(num_sms, 1) : forced);
-  return num_sms > 0 && num_tiles >= kMinRounds * num_sms ? num_sms : num_tiles;
+  const int64_t avg_key_rows = causal ? max_k / 2 : max_k;
+  const bool persistent = num_sms > 0 && num_tiles >= kMinRounds * num_sms &&
+                          avg_key_rows <= kMaxAvgKeyTiles * 128;
+  return persistent ? num_sms : num_tiles;
 }
 
 template <typename T, int D>
@@ -546,7 +553,7 @@ tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "flash_attention: cannot reserve %d bytes of shared memory: %s",
                 Cfg::kSmemBytes, cudaGetErrorString(attr));
-  kernel<<<unsigned(sm90_grid(a.num_tiles, l.num_sms)), Cfg::kThreads, Cfg::kSmemBytes,
+  kernel<<<unsigned(sm90_grid(a.num_tiles, l.num_sms, a.max_k, a.causal != 0)), Cfg::kThreads, Cfg::kSmemBytes,
            l.stream>>>(a);
   return check_launch("flash_attention");
 }
