@@ -57,10 +57,10 @@ struct Sm90Args {
 // exponential, so the special-function unit is as busy as the tensor cores;
 // three consumer warpgroups (192 rows, FlashAttention-3's choice) give the
 // scheduler more to overlap, at 160 registers each (4 warpgroups share 64K).
-// Shared memory: Q, the output staging tile (its own buffer, so the next
-// tile's Q can land during this tile's epilogue) and kStages K and V tiles
-// (D 128: 2 x 32 + 2 x 64 KB; D 64: 2 x 24 + 3 x 32 KB), plus 1 KB to align
-// the swizzle pattern to 1024 bytes.
+// Shared memory: two Q tiles (the next tile's Q lands while this one runs;
+// each also stages its tile's output) and kStages K and V tiles (D 128:
+// 2 x 32 + 2 x 64 KB; D 64: 2 x 24 + 3 x 32 KB), plus 1 KB to align the
+// swizzle pattern to 1024 bytes.
 // (A third stage at D 128 measured the same on H100, 2026-11-25.)
 template <int D>
 struct Sm90Config {
@@ -150,25 +150,30 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
   constexpr uint32_t kQBytes = Cfg::kQBytes, kKVBytes = Cfg::kKVBytes;
   extern __shared__ unsigned char smem_raw[];
-  // q_full, q_empty, k_full[kS], v_full[kS], k_empty[kS], v_empty[kS]
-  __shared__ __align__(8) uint64_t bars[2 + 4 * kS];
+  // q_full[2], q_empty[2], k_full[kS], v_full[kS], k_empty[kS], v_empty[kS]
+  __shared__ __align__(8) uint64_t bars[4 + 4 * kS];
 
   const int tid = threadIdx.x;
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sQ = base;
-  const uint32_t sO = base + kQBytes;
+  // Two Q buffers, tile j in buffer j % 2: the next tile's Q lands while this
+  // one runs; a buffer also stages its tile's output.
+  auto sQ = [&](int buf) { return base + uint32_t(buf) * kQBytes; };
   auto sK = [&](int s) { return base + 2 * kQBytes + uint32_t(s) * kKVBytes; };
   auto sV = [&](int s) { return base + 2 * kQBytes + uint32_t(kS + s) * kKVBytes; };
   const uint32_t bar0 = smem_addr(bars);
-  const uint32_t q_full = bar0, q_empty = bar0 + 8u;
-  auto k_full = [&](int s) { return bar0 + 8u * uint32_t(2 + s); };
-  auto v_full = [&](int s) { return bar0 + 8u * uint32_t(2 + kS + s); };
-  auto k_empty = [&](int s) { return bar0 + 8u * uint32_t(2 + 2 * kS + s); };
-  auto v_empty = [&](int s) { return bar0 + 8u * uint32_t(2 + 3 * kS + s); };
+  auto q_full = [&](int buf) { return bar0 + 8u * uint32_t(buf); };
+  auto q_empty = [&](int buf) { return bar0 + 8u * uint32_t(2 + buf); };
+  auto k_full = [&](int s) { return bar0 + 8u * uint32_t(4 + s); };
+  auto v_full = [&](int s) { return bar0 + 8u * uint32_t(4 + kS + s); };
+  auto k_empty = [&](int s) { return bar0 + 8u * uint32_t(4 + 2 * kS + s); };
+  auto v_empty = [&](int s) { return bar0 + 8u * uint32_t(4 + 3 * kS + s); };
 
   if (tid == 0) {
-    mbar_init(q_full, 1);         // the producer's arrive.expect_tx; TMA bytes complete it
-    mbar_init(q_empty, 4 * kWG);  // lane 0 of each consumer warp, after its last Q K^T
+#pragma unroll
+    for (int buf = 0; buf < 2; ++buf) {
+      mbar_init(q_full(buf), 1);         // the producer's arrive.expect_tx; TMA bytes complete it
+      mbar_init(q_empty(buf), 4 * kWG);  // lane 0 of each consumer warp, after its epilogue
+    }
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
       mbar_init(k_full(s), 1);
@@ -193,14 +198,14 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       int tiles = 0;
       Sm90Tile w;
       for (int round = 0; sm90_next<D>(a, round, true, w); ++round, ++tiles) {
-        // Q of this tile overwrites the previous one once every consumer
-        // warp's last Q K^T has read it.
-        if (tiles > 0) mbar_wait(q_empty, uint32_t(tiles - 1) & 1u);
-        mbar_arrive_expect_tx(q_full, kQBytes);
+        // Q of tile j overwrites buffer j % 2 once tile j - 2 is out of it.
+        const int buf = tiles & 1;
+        if (tiles >= 2) mbar_wait(q_empty(buf), uint32_t((tiles >> 1) - 1) & 1u);
+        mbar_arrive_expect_tx(q_full(buf), kQBytes);
 #pragma unroll
         for (int c = 0; c < kBlocks; ++c)
-          tma_load_3d(sQ + uint32_t(c) * kBM * 128, &a.q_map, 64 * c, w.h,
-                      int(w.q0) + w.m_begin, q_full);
+          tma_load_3d(sQ(buf) + uint32_t(c) * kBM * 128, &a.q_map, 64 * c, w.h,
+                      int(w.q0) + w.m_begin, q_full(buf));
         const int kvh = w.h / a.group;
         for (int i = 0; i < w.n_tiles; ++i, ++fill) {
           const int s = fill % kS;
@@ -234,9 +239,11 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // each 64-column block of the tile lies kRows * 128 B after the previous.
   // V: MN-major (transposed), a k16 step is 16 rows = 2048 B; the second
   // 64-column block is the instruction's leading byte offset.
-  const uint32_t sQw = sQ + uint32_t(wg) * 64 * 128;
+  int buf = 0;  // this tile's Q buffer
   auto q_desc = [&](int kk) {
-    return smem_desc(sQw + uint32_t(kk / 4) * kBM * 128 + uint32_t(kk % 4) * 32, 16, 1024);
+    return smem_desc(sQ(buf) + uint32_t(wg) * 64 * 128 + uint32_t(kk / 4) * kBM * 128 +
+                         uint32_t(kk % 4) * 32,
+                     16, 1024);
   };
   auto k_desc = [&](int s, int kk) {
     return smem_desc(sK(s) + uint32_t(kk / 4) * kBN * 128 + uint32_t(kk % 4) * 32, 16, 1024);
@@ -352,7 +359,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
 
-    mbar_wait(q_full, uint32_t(tiles) & 1u);
+    buf = tiles & 1;
+    mbar_wait(q_full(buf), uint32_t(tiles >> 1) & 1u);
     if (n_tiles > 0) {
       const int f0 = fill;  // this tile's first fill
       auto stage = [&](int i) { return (f0 + i) % kS; };
@@ -411,8 +419,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         rescale_o();
         pack_p();
       }
-      // Every Q K^T of this tile is complete: the producer may load the next Q.
-      release(q_empty);
       const int ls = stage(n_tiles - 1);
       mbar_wait(v_full(ls), phase(n_tiles - 1));
       reg_fence(o);
@@ -429,14 +435,13 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       release(v_empty(ls));
       fill += n_tiles;
     } else {
-      release(q_empty);
       have_next = sm90_next<D>(a, next_round, false, next);
     }
     ++tiles;
 
-    // Epilogue: normalise, write lse, stage O (16-bit) in this warpgroup's rows
-    // of the output tile (Q's swizzle), then 16-byte stores of the rows inside
-    // the sequence.
+    // Epilogue: normalise, write lse, stage O (16-bit) in this warpgroup's own
+    // Q rows (same swizzle), then 16-byte stores of the rows inside the
+    // sequence; then the buffer is free for the Q of tile j + 2.
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float l = row_sum[hr];
@@ -453,14 +458,14 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         a.lse[int64_t(w.h) * a.total_q + w.q0 + row] =
             l > 0.f ? (row_max[hr] + __log2f(l)) * kLn2 : -INFINITY;
     }
-    named_sync(1 + wg, 128);  // this warpgroup's reads of the previous tile's output are done
+    named_sync(1 + wg, 128);  // every warp of this warpgroup is done reading its Q rows
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int r = row0 + 8 * hr;
         const uint32_t chunk = uint32_t((j % 8) ^ (r % 8));
-        st_shared4(sO + uint32_t(j / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4) + t * 4,
+        st_shared4(sQ(buf) + uint32_t(j / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4) + t * 4,
                    pack2<T>(o[4 * j + 2 * hr], o[4 * j + 2 * hr + 1]));
       }
     named_sync(1 + wg, 128);
@@ -474,8 +479,10 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       const uint32_t chunk = uint32_t((c % 8) ^ (r % 8));
       if (row < len_q)
         st16(out + int64_t(row) * a.o_tok + c * 8,
-             ld_shared16(sO + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
+             ld_shared16(sQ(buf) + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
     }
+    fence_proxy_async();  // these reads before the copy engine's next write of the buffer
+    release(q_empty(buf));
 
     w = next;
     round = next_round;
