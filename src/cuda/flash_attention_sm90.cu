@@ -87,6 +87,7 @@ struct Sm90Tile {
   int n_tiles;  // key tiles to visit (0: the rows see no key)
 };
 
+#if TK_SM90A
 // Tile t of the launch: (sequence, head)-major, the heaviest (causal) query
 // block of each head first, as the one-CTA-per-tile grid ordered them; the
 // CTAs in flight then share a few heads' K and V in L2.
@@ -138,6 +139,7 @@ __device__ __forceinline__ bool sm90_next(const Sm90Args& a, int& round, bool ra
     if (sm90_tile<D>(a, t, raise, w)) return true;
   }
 }
+#endif  // TK_SM90A
 
 template <typename T, int D>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
@@ -527,10 +529,11 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 // many rounds of short tiles. That saves each tile the start of a CTA (Q and
 // first K/V load latency, barrier setup) and runs the next tile's loads under
 // this one's epilogue; but the static schedule evens out causal tiles less
-// well than the hardware's dynamic one, which wins once tiles are long
-// (measured on H100, bf16 causal D 128: B4 H32 S4096 536 -> 552 TFLOP/s,
-// B1 H32 S16384 607 -> 600), and with few rounds. Long means more than 32 key
-// tiles per query tile on average (causal keys past 8192, full past 4096).
+// well than the hardware's dynamic one, which wins once tiles are long and
+// with few rounds (H100, bf16 causal, 2026-11-25: B4 H32 S4096 D 128 527-536
+// -> 552-554 TFLOP/s, D 64 403 -> 418; B1 H32 S16384 D 128 607 -> 600). Long
+// means more than 32 key tiles per query tile on average (causal keys past
+// 8192, full past 4096).
 // TK_FLASH_SM90_GRID (read once) overrides the rule for measurements and
 // tests: "tiles" (one CTA per tile), "persistent" (one per SM) or a CTA count.
 int sm90_grid(int num_tiles, int num_sms, int64_t max_k, bool causal) {
@@ -560,8 +563,8 @@ tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "flash_attention: cannot reserve %d bytes of shared memory: %s",
                 Cfg::kSmemBytes, cudaGetErrorString(attr));
-  kernel<<<unsigned(sm90_grid(a.num_tiles, l.num_sms, a.max_k, a.causal != 0)), Cfg::kThreads, Cfg::kSmemBytes,
-           l.stream>>>(a);
+  const int grid = sm90_grid(a.num_tiles, l.num_sms, a.max_k, a.causal != 0);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(a);
   return check_launch("flash_attention");
 }
 
