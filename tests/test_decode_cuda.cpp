@@ -28,4 +28,38 @@ std::vector<Case> decode_int4_cases() {
 }
 TK_OP_SUITE(DecodeInt4, decode_int4_cases);
 
+// Dense matmul and fused_ffn with T <= 8 and one 16-bit dtype take the
+// persistent streaming kernel (dstream.cuh) where x fits its shared memory:
+// several row tiles per block (N = 6341: 397 tiles; fused_ffn F = 3001: 376
+// tiles of 8 columns), a partial last tile, K with a partial last slice (K =
+// 1000, 4224: zero-filled chunks) or fewer slices than warps (K 72, 384, 8),
+// tokens 1..8, strided rows, and x too large to stage (T 7 x K 16384: 229 KB,
+// the short-block kernels).
+std::vector<Case> decode_dense_cases() {
+  struct TNK { int64_t T, N, K; };
+  const TNK mm[] = {{1, 4133, 4096}, {8, 6341, 4224}, {2, 777, 384}, {5, 2053, 1000},
+                    {3, 40, 72},     {8, 130, 8},     {4, 300, 12288}, {7, 300, 16384},
+                    {6, 1111, 2048}};
+  std::vector<Case> cases;
+  int i = 0;
+  for (const TNK& s : mm) {
+    const tk_dtype d = i % 2 ? TK_BF16 : TK_F16;
+    cases.push_back(make_case<MatmulTest>(
+        MatmulShape{d, d, s.T, s.N, s.K, i % 3 == 1 ? Layout::Strided : Layout::Contiguous}));
+    ++i;
+  }
+  // fused_ffn: T, D, F.
+  const TNK ffn[] = {{8, 3001, 4096}, {2, 1030, 4224}, {1, 517, 1000}, {5, 64, 384},
+                     {3, 9, 72},      {8, 40, 16384},  {4, 700, 2048}};
+  for (const TNK& s : ffn) {
+    FusedFfnShape f{i % 2 ? TK_BF16 : TK_F16, s.T, s.K, s.N};
+    f.weight_dtype = f.dtype;
+    f.layout = i % 3 == 1 ? Layout::Strided : Layout::Contiguous;
+    cases.push_back(make_case<FusedFfnTest>(f));
+    ++i;
+  }
+  return cases;
+}
+TK_OP_SUITE(DecodeDense, decode_dense_cases);
+
 }  // namespace tk::test

@@ -7,6 +7,7 @@
 //   SPLIT: each block computes the 1/rms of its tokens once.
 //   NAIVE: every warp (two outputs) recomputes them: the seed's lesson, for the bench.
 //   T >= 2 with x and weights of one 16-bit dtype (SPLIT): tensor cores, below.
+#include "cuda/dstream.cuh"
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
 #include "cuda/qmma.cuh"
@@ -239,6 +240,16 @@ tk_status launch_dense(const tk_fused_ffn_params& p, const Launch& l) {
                    rows_aligned16(p.w_up, p.w_up_stride, sizeof(Tw), p.F);
   if (!vec) return launch_tiles<Tw, 1, 1, false>(p, l, p.D, x_vec);
   const int64_t acc = p.D / kPack<Tw>;
+  if constexpr (!std::is_same_v<Tw, float>) {
+    // T <= 8, one 16-bit dtype: the persistent streaming kernel (dstream.cuh)
+    // where x fits its shared memory.
+    if (p.dtype == p.weight_dtype && p.algo != TK_FUSED_NAIVE && p.T <= kDsMaxT) {
+      const DsArgs a{p.w_gate, p.w_gate_stride, p.w_up, p.w_up_stride, p.x, p.x_stride, p.T, p.norm_weight,
+                     p.eps, p.out, p.out_stride, p.F, p.D};
+      tk_status s = TK_OK;
+      if (try_dstream<Tw, true>(a, l, &s, "fused_ffn")) return s;
+    }
+  }
   if (p.T == 1) return launch_tiles<Tw, kPack<Tw>, 1, true>(p, l, acc, x_vec);
   if constexpr (!std::is_same_v<Tw, float>) {
     if (p.dtype == p.weight_dtype && p.algo != TK_FUSED_NAIVE)

@@ -9,6 +9,7 @@
 //   are bound by issuing FMAs, not by reading W.
 // Prefill sizes (T >= 64) with one dtype go to cuBLASLt, whose tensor-core
 // GEMMs win there.
+#include "cuda/dstream.cuh"
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
 #include "cuda/qmma.cuh"
@@ -166,6 +167,15 @@ tk_status launch_ours(const tk_matmul_params& p, const Launch& l) {
   const bool vec = p.K % kPack<Tw> == 0 && rows_aligned16(p.w, p.w_stride, sizeof(Tw), p.N) &&
                    rows_aligned16(p.x, p.x_stride, xsz, p.T);
   if (!vec) return launch_tiles<Tw, 1, 1>(p, l);  // odd sizes or unaligned: correct, not fast
+  if constexpr (!std::is_same_v<Tw, float>) {
+    // T <= 8, one 16-bit dtype: the persistent streaming kernel (dstream.cuh)
+    // where x fits its shared memory.
+    if (p.dtype == p.weight_dtype && p.T <= kDsMaxT) {
+      const DsArgs a{p.w, p.w_stride, nullptr, 0, p.x, p.x_stride, p.T, nullptr, 0.0f, p.y, p.y_stride, p.N, p.K};
+      tk_status s = TK_OK;
+      if (try_dstream<Tw, false>(a, l, &s, "matmul")) return s;
+    }
+  }
   if (p.T == 1) return launch_tiles<Tw, kPack<Tw>, 1>(p, l);
   if constexpr (!std::is_same_v<Tw, float>) {
     if (p.dtype == p.weight_dtype)

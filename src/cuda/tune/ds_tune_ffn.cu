@@ -1,0 +1,41 @@
+// fused_ffn half of ds_tune.cu (a separate translation unit: matmul.cu and
+// fused_ffn.cu share names in their anonymous namespaces). See ds_tune.cu.
+#include <cstdio>
+
+#include "../fused_ffn.cu"
+
+using namespace tk::cuda;
+
+// variant -1: the kernel before (T = 1: CUDA cores; T >= 2: ffn_mma_kernel);
+// 0..: the streaming kernel, shapes in the order of ds_tune.cu's list.
+int ffn_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len) {
+  if (v < 0) {
+    std::snprintf(name, name_len, "ffn before (%s)", p.T == 1 ? "CUDA cores" : "mma short blocks");
+    if (p.T == 1) return int(launch_tiles<__half, 8, 1, true>(p, l, p.D / 8, true));
+    return int(launch_mma<__half, 1>(p, l));
+  }
+  struct V { int chunks, warps, stages; };
+  const V vs[] = {{8, 16, 2}, {8, 16, 3}, {8, 16, 4}, {8, 16, 6}, {16, 16, 2}, {16, 16, 3}, {8, 8, 4}};
+  if (v >= int(sizeof vs / sizeof vs[0])) return -1;
+  const DsArgs a{p.w_gate, p.w_gate_stride, p.w_up, p.w_up_stride, p.x, p.x_stride, p.T, p.norm_weight,
+                 p.eps, p.out, p.out_stride, p.F, p.D};
+  DsPlan pl;
+  unsigned grid;
+  size_t smem;
+  const V& s = vs[v];
+  bool ok = false;
+  tk_status st = TK_OK;
+#define TK_DS_CASE(C, W)                                                                     \
+  if (s.chunks == C && s.warps == W && ds_plan<C, W>(a.T, a.K, a.N, true, l, s.stages, pl, grid, smem)) { \
+    ok = true;                                                                               \
+    st = launch_dstream<__half, true, C, W>(a, l, pl, grid, smem, "ffn");                    \
+  }
+  TK_DS_CASE(8, 16)
+  TK_DS_CASE(16, 16)
+  TK_DS_CASE(8, 8)
+#undef TK_DS_CASE
+  if (!ok) return -2;
+  std::snprintf(name, name_len, "ffn stream %dw %dB x %d stages (%zu KB)", s.warps, s.chunks * 16, pl.stages,
+                smem / 1024);
+  return int(st);
+}
