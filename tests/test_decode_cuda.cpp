@@ -24,6 +24,23 @@ std::vector<Case> decode_int4_cases() {
                                                                                      : Layout::Contiguous}));
     ++i;
   }
+  // fused_ffn with int4 weights, T <= 8: the streaming kernel (dstream.cuh,
+  // kInt4) where zero codes come in whole 16-byte pieces (an even number of
+  // groups) and x fits; a partial last tile (F 3001, 517), a partial last
+  // round (34 groups), half a slice (3 and 1 groups), and the CUDA-core
+  // kernel for 33 groups with zero points and for T 8 x D 16384.
+  struct TDF { int64_t T, D, F; bool zeros; };
+  const TDF ffn[] = {{1, 4096, 3001, false}, {8, 4224, 1030, true}, {2, 4352, 517, true},
+                     {5, 384, 64, false},    {3, 128, 9, false},    {8, 16384, 40, false},
+                     {4, 2048, 700, true},   {7, 4096, 1100, false}};
+  for (const TDF& s : ffn) {
+    FusedFfnShape f{i % 3 == 2 ? TK_BF16 : TK_F16, s.T, s.D, s.F};
+    f.format = TK_WEIGHTS_INT4;
+    f.q = Int4Spec{128, i % 2 ? TK_BF16 : TK_F16, s.zeros, i % 4 == 3};
+    f.layout = i % 2 ? Layout::Strided : Layout::Contiguous;
+    cases.push_back(make_case<FusedFfnTest>(f));
+    ++i;
+  }
   return cases;
 }
 TK_OP_SUITE(DecodeInt4, decode_int4_cases);

@@ -49,10 +49,16 @@
 namespace tk::cuda {
 
 struct DsArgs {
-  const void* w0;  // W (matmul) or Wg (ffn); rows of w0_stride elements
+  const void* w0;  // W (matmul) or Wg (ffn); rows of w0_stride elements (int4: packed rows of K / 2 bytes)
   int64_t w0_stride;
   const void* w1;  // Wu (ffn)
   int64_t w1_stride;
+  // int4 (group 128): scales ([rows][K / 128], f16 or bf16 bits) and zero codes (or null) of w0, w1
+  const uint16_t* s0;
+  const uint16_t* s1;
+  const uint8_t* z0;
+  const uint8_t* z1;
+  bool bf16_scales;
   const void* x;
   int64_t x_stride;
   int64_t T;  // 1..8
@@ -64,12 +70,24 @@ struct DsArgs {
   int64_t K;  // multiple of 8
 };
 
+// The arguments of a dense matmul / dense fused_ffn / int4 fused_ffn.
+inline DsArgs ds_args(const void* w0, int64_t w0_stride, const void* w1, int64_t w1_stride, const void* x,
+                      int64_t x_stride, int64_t T, const void* norm_weight, float eps, void* y,
+                      int64_t y_stride, int64_t N, int64_t K) {
+  DsArgs a{};
+  a.w0 = w0, a.w0_stride = w0_stride, a.w1 = w1, a.w1_stride = w1_stride;
+  a.x = x, a.x_stride = x_stride, a.T = T, a.norm_weight = norm_weight, a.eps = eps;
+  a.y = y, a.y_stride = y_stride, a.N = N, a.K = K;
+  return a;
+}
+
 struct DsPlan {
   int stages;  // ring depth in items, 2..8
   int x_rows;  // tokens staged: T; token slot g reads row min(g, x_rows - 1)
-  int slices;  // K slices of a row: ceil(K / (8 kChunks))
+  int slices;  // K slices of a row: ceil(16-byte chunks of a weight row / kChunks)
   int rounds;  // slices per warp per tile: ceil(slices / kWarps)
   uint32_t x_off, red_off, ss_off, inv_off;  // shared-memory offsets (the ring is at 0)
+  uint32_t sc_off, z_off;  // int4: the block's scales and zero codes, [local tile][16 rows][K / 128]
 };
 
 // Byte offset of 16-byte chunk c of row `row` in a warp's ring item
@@ -82,9 +100,16 @@ __device__ __forceinline__ uint32_t ds_wchunk(uint32_t row, uint32_t c) {
 // Position of chunk c of staged x row `tok`, the same swizzle by token parity.
 __device__ __forceinline__ uint32_t ds_xchunk(uint32_t c, uint32_t tok) { return c ^ ((tok & 1u) << 2); }
 
-template <class T, bool kFfn, int kChunks, int kWarps>
+// kInt4 (fused_ffn only): the weights are int4 rows of group 128 (the
+// qmatmul_int4 layout), dequantised as qstream_kernel does (qmma_group): a
+// slice of 128 bytes per row is two groups; x is staged as pre-permuted B
+// fragments (qmma_b_frags, swizzled by qs_xchunk); the block's scales and
+// zero codes are staged once, in the first cp.async group, as tables
+// [local tile][16 rows][groups] (rows 0..7 gate, 8..15 up).
+template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPlan pl) {
   static_assert(kChunks == 8 || kChunks == 16, "a ring row is 128 or 256 bytes");
+  static_assert(!kInt4 || (kFfn && kChunks == 8), "int4: fused_ffn, two groups per slice");
   using attn::cp_async16;
   using attn::ld_shared16;
   using Q = QmmaType<T>;
@@ -93,7 +118,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   constexpr int kRowsPerCopy = 32 / kChunks, kCopies = 16 * kChunks / 32;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int64_t N = p.N, kchunks = p.K / 8;
+  const int64_t N = p.N, kchunks = p.K / 8;  // x: 16-byte chunks of a row
+  const int64_t wchunks = kInt4 ? p.K / 32 : kchunks;  // W: 16-byte chunks of a row
   const int64_t tiles = kFfn ? (N + 7) / 8 : (N + 15) / 16;
   const int nt = int((tiles - blockIdx.x + gridDim.x - 1) / gridDim.x);
   const int rounds = pl.rounds, stages = pl.stages;
@@ -101,12 +127,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   const uint32_t sbase = attn::smem_addr(smem);
   const uint32_t ring = sbase + uint32_t(warp) * kWarpItem;  // + slot * kItem
   const int crow = lane / kChunks, cchunk = lane % kChunks;
-  const T* w0 = static_cast<const T*>(p.w0);
-  const T* w1 = static_cast<const T*>(p.w1);
+  const char* w0 = static_cast<const char*>(p.w0);
+  const char* w1 = static_cast<const char*>(p.w1);
+  // Bytes per row step.
+  const int64_t rs0 = kInt4 ? p.K / 2 : p.w0_stride * int64_t(sizeof(T));
+  const int64_t rs1 = kInt4 ? p.K / 2 : p.w1_stride * int64_t(sizeof(T));
 
   // Issue side of the ring: item (tile lt, round r) into slot is_slot.
   int is_lt = 0, is_r = 0, is_slot = 0, issued = 0;
-  const T* rowp[kCopies];  // row starts of copy j (row j kRowsPerCopy + crow of the tile)
+  const char* rowp[kCopies];  // row starts of copy j (row j kRowsPerCopy + crow of the tile)
   uint32_t wdst[kCopies];
   const auto set_rows = [&] {  // rows past the end are clamped (read, results dropped)
     const int64_t tile = blockIdx.x + int64_t(is_lt) * gridDim.x;
@@ -115,9 +144,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       const int row = j * kRowsPerCopy + crow;
       if constexpr (kFfn) {
         const int64_t f = std::min<int64_t>(tile * 8 + (row & 7), N - 1);
-        rowp[j] = row < 8 ? w0 + f * p.w0_stride : w1 + f * p.w1_stride;
+        rowp[j] = row < 8 ? w0 + f * rs0 : w1 + f * rs1;
       } else {
-        rowp[j] = w0 + std::min<int64_t>(tile * 16 + row, N - 1) * p.w0_stride;
+        rowp[j] = w0 + std::min<int64_t>(tile * 16 + row, N - 1) * rs0;
       }
     }
   };
@@ -126,8 +155,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   set_rows();
   const auto issue = [&] {
     const int64_t c = int64_t(is_r * kWarps + warp) * kChunks + cchunk;  // this lane's chunk of the row
-    const bool valid = c < kchunks;  // past K (or past the last slice): zeros
-    const int64_t off = valid ? c * 8 : 0;
+    const bool valid = c < wchunks;  // past K (or past the last slice): zeros
+    const int64_t off = valid ? c * 16 : 0;
     const uint32_t dst = uint32_t(is_slot) * kItem;
 #pragma unroll
     for (int j = 0; j < kCopies; ++j) cp_async16(wdst[j] + dst, rowp[j] + off, valid);
@@ -139,16 +168,40 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     ++issued;
   };
 
-  // Prologue: stages - 1 items in flight; x rides in the first group.
+  // Prologue: stages - 1 items in flight; x (and the int4 tables) ride in the first group.
   if (issued < items) issue();
   const uint32_t xs = sbase + pl.x_off;
-  const int xc = pl.slices * kChunks;  // chunks of a staged row
+  // Chunks of a staged row: dense pads K to whole slices with zeros; int4
+  // never reads x past K (groups past the end are skipped).
+  const int xc = kInt4 ? int(kchunks) : pl.slices * kChunks;
   const uint32_t xpitch = uint32_t(xc) * 16;
+  const auto xchunk = [](uint32_t c, uint32_t tok) { return kInt4 ? qs_xchunk(c, tok) : ds_xchunk(c, tok); };
   const T* x = static_cast<const T*>(p.x);
   for (int tok = 0; tok < pl.x_rows; ++tok)
     for (int c = tid; c < xc; c += kThreads)
-      cp_async16(xs + uint32_t(tok) * xpitch + ds_xchunk(uint32_t(c), uint32_t(tok)) * 16,
+      cp_async16(xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16,
                  x + tok * p.x_stride + (c < kchunks ? int64_t(c) * 8 : 0), c < kchunks);
+  const int ngroups = int(p.K / 128);
+  if constexpr (kInt4) {
+    // Per local tile: gate rows f0..f0+7 then up rows, each a contiguous piece
+    // of the scales (16 ngroups bytes) and zero codes (8 ngroups bytes, ngroups
+    // even: ds_plan) in memory. Rows past F: zero scales (results dropped).
+    const int csc = ngroups, cz = p.z0 ? ngroups / 2 : 0, per_half = csc + cz;
+    const int64_t sc_end = N * ngroups * 2, z_end = N * ngroups;
+    for (int i = tid; i < nt * 2 * per_half; i += kThreads) {
+      const int lt = i / (2 * per_half), rem = i - lt * 2 * per_half, half = rem / per_half, c = rem - half * per_half;
+      const int64_t f0 = (blockIdx.x + int64_t(lt) * gridDim.x) * 8;
+      const bool z = c >= csc;
+      const int64_t off = z ? f0 * ngroups + int64_t(c - csc) * 16 : f0 * ngroups * 2 + int64_t(c) * 16;
+      const int bytes = int(std::max<int64_t>(0, std::min<int64_t>(16, (z ? z_end : sc_end) - off)));
+      const char* base = z ? reinterpret_cast<const char*>(half ? p.z1 : p.z0)
+                           : reinterpret_cast<const char*>(half ? p.s1 : p.s0);
+      const uint32_t dst = z ? pl.z_off + uint32_t((lt * 16 + half * 8) * ngroups + (c - csc) * 16)
+                             : pl.sc_off + uint32_t((lt * 16 + half * 8) * ngroups * 2 + c * 16);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sbase + dst),
+                   "l"(base + (bytes ? off : 0)), "r"(bytes));
+    }
+  }
   attn::cp_async_commit();
   for (int s = 1; s < stages - 1; ++s) {
     if (issued < items) issue();
@@ -158,7 +211,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn)
   if constexpr (kFfn) {
     // This thread's x chunks (its first group has landed) -> x * norm weight,
-    // rounded, in place; the sums of squares of x in f32, per warp, per token.
+    // rounded, in place (int4: as B fragments); the sums of squares of x in
+    // f32, per warp, per token.
     cp_async_wait_upto(stages - 2);
     float* ss_s = reinterpret_cast<float*>(smem + pl.ss_off);  // [kWarps][8]
     const T* nw = static_cast<const T*>(p.norm_weight);
@@ -166,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       float ss = 0.0f;
       for (int c = tid; c < xc; c += kThreads) {
         if (c >= kchunks) continue;  // zeros stay zeros
-        const uint32_t a = xs + uint32_t(tok) * xpitch + ds_xchunk(uint32_t(c), uint32_t(tok)) * 16;
+        const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
         float xf[8], nf[8];
         unpack<T>(ld_shared16(a), xf);
         unpack<T>(ld16(nw + int64_t(c) * 8), nf);
@@ -175,7 +229,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
           ss = fmaf(xf[e], xf[e], ss);
           xf[e] *= nf[e];
         }
-        attn::st_shared16(a, pack<T>(xf));
+        const uint4 b = pack<T>(xf);
+        attn::st_shared16(a, kInt4 ? qmma_b_frags(b) : b);
       }
       ss = warp_sum(ss);
       if (lane == 0) ss_s[warp * 8 + tok] = ss;
@@ -195,6 +250,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   const uint32_t xlane = xs + uint32_t(tok) * xpitch, xsw = uint32_t(tok & 1) << 2;
   const uint32_t wa_off = uint32_t(g) * (kChunks * 16), wb_off = wa_off + 8 * kChunks * 16;
   const uint32_t wsw = uint32_t(g & 1) << 2;  // rows g and g + 8: the same parity
+  uint32_t xoff[4] = {};  // int4: chunk 16 gi + 4 t4 + w of the lane's token, after qs_xchunk
+  if constexpr (kInt4) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) xoff[w] = qs_xchunk(uint32_t(4 * t4 + w), uint32_t(tok)) * 16;
+  }
+  const bool bf16s = p.bf16_scales;
+  const uint16_t* ssc = reinterpret_cast<const uint16_t*>(smem + pl.sc_off);
+  const uint8_t* szz = smem + pl.z_off;
   float acc[4] = {};
   int lt = 0, r = 0, slot = 0;
   for (int i = 0; i < items; ++i) {
@@ -204,8 +267,31 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     cp_async_wait_upto(stages - 1);  // this lane's copies of item i have landed
     __syncwarp();                    // and so have the other lanes'
     const int slice = r * kWarps + warp;
-    if (slice < pl.slices) {  // warp-uniform
-      const uint32_t src = ring + uint32_t(slot) * kItem;
+    const uint32_t src = ring + uint32_t(slot) * kItem;
+    if constexpr (kInt4) {
+      const int ea_i = (lt * 16 + g) * ngroups, eb_i = ea_i + 8 * ngroups;  // rows g, g + 8 of the tables
+      const auto group = [&](int u) {
+        const int gi = 2 * slice + u;
+        const uint4 wa = ld_shared16(src + wa_off + ((4 * u + t4) ^ wsw) * 16);
+        const uint4 wb = ld_shared16(src + wb_off + ((4 * u + t4) ^ wsw) * 16);
+        const uint32_t ea = ssc[ea_i + gi], eb = ssc[eb_i + gi];
+        const uint32_t za = p.z0 ? szz[ea_i + gi] : 8u, zb = p.z0 ? szz[eb_i + gi] : 8u;
+        const uint32_t xg = xlane + uint32_t(gi) * 256;  // 16 chunks per group
+        float c[1][4] = {};
+        qmma_group<T, 1, true>(wa, wb, za, zb, [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
+        const float fa = qmma_scale(uint16_t(ea), bf16s), fb = qmma_scale(uint16_t(eb), bf16s);
+        acc[0] = fmaf(fa, c[0][0], acc[0]);
+        acc[1] = fmaf(fa, c[0][1], acc[1]);
+        acc[2] = fmaf(fb, c[0][2], acc[2]);
+        acc[3] = fmaf(fb, c[0][3], acc[3]);
+      };
+      if (2 * slice + 1 < ngroups) {  // a full item: the mma chains interleave
+        group(0);
+        group(1);
+      } else if (2 * slice < ngroups) {
+        group(0);
+      }
+    } else if (slice < pl.slices) {  // warp-uniform
 #pragma unroll
       for (int q = 0; q < kChunks / 4; ++q) {
         const uint32_t c = uint32_t(4 * q + t4);
@@ -253,44 +339,51 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   }
 }
 
-// Shared-memory plan for this shape and device; false when x leaves no room
-// for a ring 2 items deep (T = 8 with K past about 10k on an H100): the
-// callers' short-block kernels take those.
+// Shared-memory plan for this shape and device; false when x (and, int4, the
+// block's scale tables) leave no room for a ring 2 items deep (dense: T = 8
+// with K past about 10k on an H100): the callers' short-block kernels take those.
 template <int kChunks, int kWarps>
 bool ds_plan(int64_t T, int64_t K, int64_t N, bool ffn, const Launch& l, int max_stages, DsPlan& pl,
-             unsigned& grid, size_t& smem_bytes) {
+             unsigned& grid, size_t& smem_bytes, bool int4 = false, bool zeros = false) {
   constexpr int64_t kItem = int64_t(kWarps) * 16 * kChunks * 16;
-  if (T < 1 || T > 8 || K % 8 != 0 || K <= 0 || N <= 0) return false;
+  if (T < 1 || T > 8 || K <= 0 || N <= 0 || K % (int4 ? 128 : 8) != 0) return false;
+  if (int4 && (!ffn || kChunks != 8 || (zeros && (K / 128) % 2 != 0))) return false;
   pl.x_rows = int(T);
-  const int64_t slices = (K / 8 + kChunks - 1) / kChunks;
+  const int64_t wchunks = int4 ? K / 32 : K / 8;
+  const int64_t slices = (wchunks + kChunks - 1) / kChunks;
   if (slices >= (int64_t(1) << 24)) return false;
   pl.slices = int(slices);
   pl.rounds = int((slices + kWarps - 1) / kWarps);
-  const int64_t x_bytes = T * slices * kChunks * 16;
+  const int64_t tiles = ffn ? (N + 7) / 8 : (N + 15) / 16;
+  const int64_t blocks = std::min<int64_t>(tiles, l.num_sms);
+  const int64_t nt = (tiles + blocks - 1) / blocks;  // tiles of the first block, the most
+  const int64_t x_bytes = T * (int4 ? K / 8 : slices * kChunks) * 16;
   const int64_t red_bytes = int64_t(2) * kWarps * 4 * 32 * 4, ss_bytes = int64_t(kWarps) * 8 * 4;
-  const int64_t fixed = x_bytes + red_bytes + ss_bytes + 32;
+  const int64_t sc_bytes = int4 ? nt * 16 * (K / 128) * 2 : 0, z_bytes = int4 && zeros ? nt * 16 * (K / 128) : 0;
+  const int64_t fixed = x_bytes + red_bytes + ss_bytes + 32 + sc_bytes + z_bytes;
   if (fixed + 2 * kItem > l.smem_optin) return false;
   pl.stages = int(std::min<int64_t>(std::min(max_stages, 8), (l.smem_optin - fixed) / kItem));
   pl.x_off = uint32_t(pl.stages * kItem);
   pl.red_off = pl.x_off + uint32_t(x_bytes);
   pl.ss_off = pl.red_off + uint32_t(red_bytes);
   pl.inv_off = pl.ss_off + uint32_t(ss_bytes);
-  smem_bytes = size_t(pl.inv_off) + 32;
-  const int64_t tiles = ffn ? (N + 7) / 8 : (N + 15) / 16;
-  grid = unsigned(std::min<int64_t>(tiles, l.num_sms));
+  pl.sc_off = pl.inv_off + 32;
+  pl.z_off = pl.sc_off + uint32_t(sc_bytes);
+  smem_bytes = size_t(pl.z_off) + size_t(z_bytes);
+  grid = unsigned(blocks);
   return true;
 }
 
-template <class T, bool kFfn, int kChunks, int kWarps>
+template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
 tk_status launch_dstream(const DsArgs& a, const Launch& l, const DsPlan& pl, unsigned grid, size_t smem_bytes,
                          const char* op) {
   // Raised once per kernel to the device's opt-in limit, which every plan fits.
   static const cudaError_t attr = cudaFuncSetAttribute(
-      dstream_kernel<T, kFfn, kChunks, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
+      dstream_kernel<T, kFfn, kChunks, kWarps, kInt4>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "%s: cannot reserve %zu bytes of shared memory: %s", op, smem_bytes,
                 cudaGetErrorString(attr));
-  dstream_kernel<T, kFfn, kChunks, kWarps><<<grid, kWarps * 32, smem_bytes, l.stream>>>(a, pl);
+  dstream_kernel<T, kFfn, kChunks, kWarps, kInt4><<<grid, kWarps * 32, smem_bytes, l.stream>>>(a, pl);
   return check_launch(op);
 }
 
@@ -303,13 +396,14 @@ constexpr int kDsChunks = 8, kDsWarps = 16, kDsStages = 3;
 constexpr int64_t kDsMaxT = 8;
 
 // Launches the streaming kernel when its plan fits; false (nothing launched) otherwise.
-template <class T, bool kFfn>
+template <class T, bool kFfn, bool kInt4 = false>
 bool try_dstream(const DsArgs& a, const Launch& l, tk_status* status, const char* op) {
   DsPlan pl;
   unsigned grid;
   size_t smem;
-  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem)) return false;
-  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps>(a, l, pl, grid, smem, op);
+  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem, kInt4, a.z0 != nullptr))
+    return false;
+  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps, kInt4>(a, l, pl, grid, smem, op);
   return true;
 }
 

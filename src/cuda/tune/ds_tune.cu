@@ -15,6 +15,7 @@
 using namespace tk::cuda;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
 int ffn_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
+int ffn4_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
 
 __global__ void read_flush(const uint4* p, size_t n, unsigned* sink) {
   uint32_t acc = 0;
@@ -39,7 +40,7 @@ static int mm_variant(const tk_matmul_params& p, const Launch& l, int v, char* n
   struct V { int chunks, warps, stages; };
   const V vs[] = {{8, 16, 2}, {8, 16, 3}, {8, 16, 4}, {8, 16, 6}, {16, 16, 2}, {16, 16, 3}, {8, 8, 4}};
   if (v >= int(sizeof vs / sizeof vs[0])) return -1;
-  const DsArgs a{p.w, p.w_stride, nullptr, 0, p.x, p.x_stride, p.T, nullptr, 0.0f, p.y, p.y_stride, p.N, p.K};
+  const DsArgs a = ds_args(p.w, p.w_stride, nullptr, 0, p.x, p.x_stride, p.T, nullptr, 0.0f, p.y, p.y_stride, p.N, p.K);
   DsPlan pl;
   unsigned grid;
   size_t smem;
@@ -180,6 +181,52 @@ int main() {
       diff(T, md, mx);
       std::printf("  check: max |stream - before| %.3g of max |out| %.3g\n", md, mx);
       time(name, T, ffn_bytes, [&] { ffn_variant(p1, l, v, name, sizeof name); });
+    }
+  }
+  {  // fused_ffn, int4 weights g128 (f16 scales, symmetric): D 4096, F 14336
+    const int64_t G = K / 128;
+    std::vector<uint8_t> hq(size_t(N * K / 2));
+    std::vector<uint16_t> hs(size_t(N * G));
+    uint8_t *qg, *qu;
+    uint16_t *sg, *su;
+    cudaMalloc(&qg, hq.size());
+    cudaMalloc(&qu, hq.size());
+    cudaMalloc(&sg, hs.size() * 2);
+    cudaMalloc(&su, hs.size() * 2);
+    for (uint8_t* d : {qg, qu}) {
+      for (auto& b : hq) b = uint8_t(rng());
+      cudaMemcpy(d, hq.data(), hq.size(), cudaMemcpyHostToDevice);
+    }
+    for (uint16_t* d : {sg, su}) {
+      for (auto& v : hs) v = uint16_t(0x2000 + rng() % 0x800);
+      cudaMemcpy(d, hs.data(), hs.size() * 2, cudaMemcpyHostToDevice);
+    }
+    const double bytes4 = 2.0 * (double(N) * K / 2 + double(N) * G * 2);
+    for (int64_t T : {int64_t(1), int64_t(8)}) {
+      tk_fused_ffn_params p{};
+      p.dtype = TK_F16;
+      p.format = TK_WEIGHTS_INT4;
+      p.algo = TK_FUSED_SPLIT;
+      p.T = T, p.D = K, p.F = N;
+      p.x = x, p.x_stride = K, p.norm_weight = nw, p.eps = 1e-5f;
+      p.q_gate = tk_int4_weights{qg, sg, nullptr, TK_F16, N, K, 128};
+      p.q_up = tk_int4_weights{qu, su, nullptr, TK_F16, N, K, 128};
+      p.out = y0, p.out_stride = N;
+      tk_fused_ffn_params p1 = p;
+      p1.out = y1;
+      ffn4_variant(p, l, -1, name, sizeof name);
+      time(name, T, bytes4, [&] { ffn4_variant(p, l, -1, name, sizeof name); });
+      for (int v = 0;; ++v) {
+        cudaMemset(y1, 0xFF, Tmax * N * 2);
+        const int rc = ffn4_variant(p1, l, v, name, sizeof name);
+        if (rc == -1) break;
+        if (rc == -2) continue;
+        cudaDeviceSynchronize();
+        double md, mx;
+        diff(T, md, mx);
+        std::printf("  check: max |stream - before| %.3g of max |out| %.3g\n", md, mx);
+        time(name, T, bytes4, [&] { ffn4_variant(p1, l, v, name, sizeof name); });
+      }
     }
   }
   time("read kernel over W bytes", 0, mm_bytes, [&] {
