@@ -30,9 +30,9 @@
 //   kFfn = true (fused_ffn): a tile = 8 output columns f0 .. f0 + 7: A rows
 //   0..7 are Wg rows f0.., rows 8..15 the Wu rows of the same columns, so a
 //   lane's sums c0, c1 (gate) and c2, c3 (up) are one column's. B is x times
-//   the norm weight rounded to the activation dtype (staged once, the row an
-//   unfused chain would store); each block computes the tokens' 1/rms from
-//   the staged x in f32 and applies it to the dot products (constant along K).
+//   its 1/rms and the norm weight, rounded to the activation dtype (staged
+//   once: the normalised row an unfused chain would store); each block
+//   computes the tokens' 1/rms from the staged x in f32.
 // Everything here is sm_80 PTX (cp.async, mma.sync): the portable path too.
 #pragma once
 
@@ -103,7 +103,11 @@ __device__ __forceinline__ uint32_t ds_xchunk(uint32_t c, uint32_t tok) { return
 // kInt4 (fused_ffn only): the weights are int4 rows of group 128 (the
 // qmatmul_int4 layout), dequantised as qstream_kernel does (qmma_group): a
 // slice of 128 bytes per row is two groups; x is staged as pre-permuted B
-// fragments (qmma_b_frags, swizzled by qs_xchunk); the block's scales and
+// fragments (qmma_b_frags, swizzled by qs_xchunk) in two planes, the high and
+// low 16-bit parts of x * norm weight (two mmas per A fragment, so the
+// activations are not rounded: the accuracy of the f32 CUDA-core kernel, which
+// the int4 tests hold it to; rounding them to the dtype measured up to 1.4x
+// those tolerances on an H100); the block's scales and
 // zero codes are staged once, in the first cp.async group, as tables
 // [local tile][16 rows][groups] (rows 0..7 gate, 8..15 up).
 template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
@@ -209,28 +213,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   }
   float* red = reinterpret_cast<float*>(smem + pl.red_off);  // [2][kWarps][4][32]
   float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn)
+  const uint32_t xlo = uint32_t(pl.x_rows) * xpitch;  // int4: the plane of the low parts of B
   if constexpr (kFfn) {
-    // This thread's x chunks (its first group has landed) -> x * norm weight,
-    // rounded, in place (int4: as B fragments); the sums of squares of x in
-    // f32, per warp, per token.
+    // The tokens' 1/rms from the staged x (this thread's chunks: its first
+    // group has landed), in f32; then this thread's chunks -> B in place:
+    //   dense: x * (1/rms) * norm weight rounded to T, the normalised row the
+    //   unfused chain stores (its error is the chain's, which bounds the tests);
+    //   int4: x * norm weight split into hi + lo, both of T (exact for bf16,
+    //   to ~2^-22 for f16), as B fragments: the mma products carry no rounding
+    //   of the activations, as the f32 CUDA-core path; 1/rms in the epilogue.
     cp_async_wait_upto(stages - 2);
     float* ss_s = reinterpret_cast<float*>(smem + pl.ss_off);  // [kWarps][8]
     const T* nw = static_cast<const T*>(p.norm_weight);
     for (int tok = 0; tok < pl.x_rows; ++tok) {
       float ss = 0.0f;
-      for (int c = tid; c < xc; c += kThreads) {
-        if (c >= kchunks) continue;  // zeros stay zeros
-        const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
-        float xf[8], nf[8];
-        unpack<T>(ld_shared16(a), xf);
-        unpack<T>(ld16(nw + int64_t(c) * 8), nf);
+      for (int c = tid; c < kchunks; c += kThreads) {
+        float xf[8];
+        unpack<T>(ld_shared16(xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16), xf);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          ss = fmaf(xf[e], xf[e], ss);
-          xf[e] *= nf[e];
-        }
-        const uint4 b = pack<T>(xf);
-        attn::st_shared16(a, kInt4 ? qmma_b_frags(b) : b);
+        for (int e = 0; e < 8; ++e) ss = fmaf(xf[e], xf[e], ss);
       }
       ss = warp_sum(ss);
       if (lane == 0) ss_s[warp * 8 + tok] = ss;
@@ -239,8 +240,32 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     if (tid < pl.x_rows) {
       float ss = 0.0f;
       for (int w = 0; w < kWarps; ++w) ss += ss_s[w * 8 + tid];
-      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);  // read after the first tile's barrier
+      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);
     }
+    __syncthreads();
+    for (int tok = 0; tok < pl.x_rows; ++tok) {
+      const float inv = kInt4 ? 1.0f : inv_s[tok];
+      for (int c = tid; c < kchunks; c += kThreads) {  // chunks past K stay zero
+        const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
+        float xf[8], nf[8];
+        unpack<T>(ld_shared16(a), xf);
+        unpack<T>(ld16(nw + int64_t(c) * 8), nf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xf[e] = kInt4 ? xf[e] * nf[e] : xf[e] * inv * nf[e];
+        const uint4 hi = pack<T>(xf);
+        if constexpr (kInt4) {
+          float hf[8];
+          unpack<T>(hi, hf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) hf[e] = xf[e] - hf[e];
+          attn::st_shared16(a, qmma_b_frags(hi));
+          attn::st_shared16(a + xlo, qmma_b_frags(pack<T>(hf)));
+        } else {
+          attn::st_shared16(a, hi);
+        }
+      }
+    }
+    __syncthreads();
   } else {
     cp_async_wait_upto(stages - 2);
     __syncthreads();
@@ -277,13 +302,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
         const uint32_t ea = ssc[ea_i + gi], eb = ssc[eb_i + gi];
         const uint32_t za = p.z0 ? szz[ea_i + gi] : 8u, zb = p.z0 ? szz[eb_i + gi] : 8u;
         const uint32_t xg = xlane + uint32_t(gi) * 256;  // 16 chunks per group
-        float c[1][4] = {};
-        qmma_group<T, 1, true>(wa, wb, za, zb, [&](int, int w) { return ld_shared16(xg + xoff[w]); }, c);
+        float c[2][4] = {};  // products with the high and the low parts of B
+        qmma_group<T, 2, true>(wa, wb, za, zb,
+                               [&](int tt, int w) { return ld_shared16(xg + (tt ? xlo : 0u) + xoff[w]); }, c);
         const float fa = qmma_scale(uint16_t(ea), bf16s), fb = qmma_scale(uint16_t(eb), bf16s);
-        acc[0] = fmaf(fa, c[0][0], acc[0]);
-        acc[1] = fmaf(fa, c[0][1], acc[1]);
-        acc[2] = fmaf(fb, c[0][2], acc[2]);
-        acc[3] = fmaf(fb, c[0][3], acc[3]);
+        acc[0] = fmaf(fa, c[0][0] + c[1][0], acc[0]);
+        acc[1] = fmaf(fa, c[0][1] + c[1][1], acc[1]);
+        acc[2] = fmaf(fb, c[0][2] + c[1][2], acc[2]);
+        acc[3] = fmaf(fb, c[0][3] + c[1][3], acc[3]);
       };
       if (2 * slice + 1 < ngroups) {  // a full item: the mma chains interleave
         group(0);
@@ -320,8 +346,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
           }
           const int64_t f = tile * 8 + lg, t = 2 * lt4 + j;
           if (f < N && t < p.T) {
-            const float inv = inv_s[t];
-            gate *= inv, up *= inv;
+            if constexpr (kInt4) {
+              const float inv = inv_s[t];
+              gate *= inv, up *= inv;
+            }
             static_cast<T*>(p.y)[t * p.y_stride + f] = from_f32<T>(gate / (1.0f + expf(-gate)) * up);
           }
         }
@@ -357,7 +385,7 @@ bool ds_plan(int64_t T, int64_t K, int64_t N, bool ffn, const Launch& l, int max
   const int64_t tiles = ffn ? (N + 7) / 8 : (N + 15) / 16;
   const int64_t blocks = std::min<int64_t>(tiles, l.num_sms);
   const int64_t nt = (tiles + blocks - 1) / blocks;  // tiles of the first block, the most
-  const int64_t x_bytes = T * (int4 ? K / 8 : slices * kChunks) * 16;
+  const int64_t x_bytes = T * (int4 ? 2 * (K / 8) : slices * kChunks) * 16;  // int4: hi and lo planes
   const int64_t red_bytes = int64_t(2) * kWarps * 4 * 32 * 4, ss_bytes = int64_t(kWarps) * 8 * 4;
   const int64_t sc_bytes = int4 ? nt * 16 * (K / 128) * 2 : 0, z_bytes = int4 && zeros ? nt * 16 * (K / 128) : 0;
   const int64_t fixed = x_bytes + red_bytes + ss_bytes + 32 + sc_bytes + z_bytes;
@@ -396,15 +424,35 @@ constexpr int kDsChunks = 8, kDsWarps = 16, kDsStages = 3;
 constexpr int64_t kDsMaxT = 8;
 
 // Launches the streaming kernel when its plan fits; false (nothing launched) otherwise.
-template <class T, bool kFfn, bool kInt4 = false>
+template <class T, bool kFfn>
 bool try_dstream(const DsArgs& a, const Launch& l, tk_status* status, const char* op) {
   DsPlan pl;
   unsigned grid;
   size_t smem;
-  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem, kInt4, a.z0 != nullptr))
-    return false;
-  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps, kInt4>(a, l, pl, grid, smem, op);
+  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem)) return false;
+  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps>(a, l, pl, grid, smem, op);
   return true;
+}
+
+// fused_ffn with int4 weights: 16 warps with a ring 2 items deep (H100, D 4096
+// F 14336 f16, T = 1: 26.1 us; 3 / 4 stages 27.1 / 28.3; T = 8: 28.4), or, where
+// x's two planes leave no room for that (T = 8 at D 4096 on an H100), 8 warps
+// (T = 1: 29.0 us at 3 stages, which 8 warps measured best).
+template <class T>
+bool try_dstream_int4(const DsArgs& a, const Launch& l, tk_status* status, const char* op) {
+  DsPlan pl;
+  unsigned grid;
+  size_t smem;
+  const bool z = a.z0 != nullptr;
+  if (ds_plan<8, 16>(a.T, a.K, a.N, true, l, 2, pl, grid, smem, true, z)) {
+    *status = launch_dstream<T, true, 8, 16, true>(a, l, pl, grid, smem, op);
+    return true;
+  }
+  if (ds_plan<8, 8>(a.T, a.K, a.N, true, l, 3, pl, grid, smem, true, z)) {
+    *status = launch_dstream<T, true, 8, 8, true>(a, l, pl, grid, smem, op);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace tk::cuda

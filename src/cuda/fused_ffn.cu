@@ -274,7 +274,7 @@ tk_status launch_int4(const tk_fused_ffn_params& p, const Launch& l) {
   // alike and 16-byte aligned: the persistent streaming kernel (dstream.cuh,
   // kInt4), where x and the block's scale tables fit its shared memory.
   const tk_int4_weights &qg = p.q_gate, &qu = p.q_up;
-  if (p.T <= kDsMaxT && (p.dtype == TK_F16 || p.dtype == TK_BF16) && qg.group_size == 128 &&
+  if (p.T <= kDsMaxT && p.algo != TK_FUSED_NAIVE && (p.dtype == TK_F16 || p.dtype == TK_BF16) && qg.group_size == 128 &&
       qu.group_size == 128 && qg.scale_dtype == qu.scale_dtype && !qg.zeros == !qu.zeros &&
       aligned16(qg.scales) && aligned16(qu.scales) && (!qg.zeros || (aligned16(qg.zeros) && aligned16(qu.zeros)))) {
     DsArgs a = ds_args(qg.packed, 0, qu.packed, 0, p.x, p.x_stride, p.T, p.norm_weight, p.eps, p.out,
@@ -282,8 +282,8 @@ tk_status launch_int4(const tk_fused_ffn_params& p, const Launch& l) {
     a.s0 = static_cast<const uint16_t*>(qg.scales), a.s1 = static_cast<const uint16_t*>(qu.scales);
     a.z0 = qg.zeros, a.z1 = qu.zeros, a.bf16_scales = qg.scale_dtype == TK_BF16;
     tk_status s = TK_OK;
-    if (p.dtype == TK_F16 ? try_dstream<__half, true, true>(a, l, &s, "fused_ffn")
-                          : try_dstream<__nv_bfloat16, true, true>(a, l, &s, "fused_ffn"))
+    if (p.dtype == TK_F16 ? try_dstream_int4<__half>(a, l, &s, "fused_ffn")
+                          : try_dstream_int4<__nv_bfloat16>(a, l, &s, "fused_ffn"))
       return s;
   }
   if (p.T == 1) return launch_tiles<void, 32, 1, true>(p, l, acc, x_vec);
