@@ -203,16 +203,19 @@ tk_status launch_decode(const tk_qmatmul_int4_params& p, const Launch& l) {
 
 template <class Ta>
 tk_status launch_qmma_t(const tk_qmatmul_int4_params& p, const Launch& l) {
-  return p.T <= 8 ? launch_decode<Ta>(p, l) : launch_qmma<Ta, 4>(p, l);
+  return launch_decode<Ta>(p, l);  // T > 8: qgemm_int4
 }
 
 }  // namespace
+
+tk_status qgemm_int4(const tk_qmatmul_int4_params& p, const Launch& l);  // qgemm_int4.cu: T > 8, any group
 
 tk_status qmatmul_int4(const tk_qmatmul_int4_params& p, const Launch& l) {
   if (p.T == 0) return TK_OK;
   const size_t xsz = p.dtype == TK_F32 ? 4 : 2;
   const bool aligned = aligned16(p.w.packed) && rows_aligned16(p.x, p.x_stride, xsz, p.T);
   if (!aligned) return launch_tiles<1, false>(p, l);
+  if (p.T > 8 && p.dtype != TK_F32) return qgemm_int4(p, l);
   // Tensor cores: 16-bit activations, one scale per 128 k (a K step of the
   // mma loop never straddles a group). x rows are 16-byte aligned (above).
   if (p.w.group_size == 128 && p.dtype == TK_F16) return launch_qmma_t<__half>(p, l);

@@ -1,0 +1,335 @@
+// qmatmul_int4 for T > 8 (prefill), f16/bf16 activations, every group size:
+// a GEMM-shaped tensor-core kernel. y[T, N] = x[T, K] . dequant(W)[N, K]^T.
+//
+// Why not the decode kernels: they hold 8 (qstream) or 32 (qmma kTT = 4)
+// tokens per warp, so at T = 64 every weight row is fetched, dequantised and
+// its scales loaded T / 32 times by separate blocks that also re-read x from
+// global memory per group: 86.5 us on the H100 for [64x4096]->14336, 8x its
+// floor. Here a block owns a tile of 128 weight rows x 64 (or 32) tokens and
+// streams K through a cp.async ring in shared memory: each weight byte comes
+// from DRAM once per token tile and is dequantised twice (by the two warps
+// that share its rows), x comes from L2 once per 128 rows.
+//
+// Block: 8 warps, 4 along N (32 rows = 2 m16 tiles each) x 2 along T (kNT
+// n8 tiles each). Stage (128 k): W [128 rows][64 bytes], x [tokens][128 k]
+// and per (row, 32-k quarter) the scale as a pair in the activation type and
+// the zero code. Lane (g, t4) of a warp reads the qmma.cuh layout: 16 bytes
+// (32 codes, k 32 t4 .. 32 t4 + 31 of the stage) of rows g and g + 8; a 32-k
+// quarter never straddles a group (groups are 32, 64 or 128), so a lane needs
+// one scale per row and stage. B fragments come from x permuted in place
+// once per stage by the threads that copied it (qmma_b_frags), so each warp
+// reads them with one 16-byte load per n8 tile and mma pair.
+//
+// Rounding: the scale is applied in the dequantisation, (q - z) exact, then
+// times the scale in f16/bf16 (one rounding of each weight to the activation
+// type, as a dense f16/bf16 weight has), because within one mma the four
+// lanes of a row may hold different groups (group 32). Accumulation in f32.
+//
+// Edges: rows past N and tokens past T read the last row/token (results
+// dropped); the 32-k quarters past K (K a multiple of 32, not of 128) are
+// zero-filled in both x and W, so they add 0 (the scale read for them is a
+// real one, clamped to the last group).
+// sm_80 instructions only (cp.async, mma.sync): also the portable path.
+#include "cuda/attention/primitives.cuh"
+#include "cuda/ops.h"
+#include "cuda/qmma.cuh"
+
+namespace tk::cuda {
+namespace {
+
+constexpr int kQgThreads = 256;
+constexpr int kQgWarpsN = 4;     // warps along N, 32 rows each
+constexpr int kQgRows = 128;     // weight rows per block
+constexpr int kQgK = 128;        // k per stage
+constexpr int kQgMaxStages = 4;  // 3 stages ahead: ~24 KB of weights in flight per SM
+
+// kNT: n8 tiles per warp; the block covers 2 x 8 kNT tokens.
+template <int kNT>
+struct QgShape {
+  static constexpr int kTokens = 2 * 8 * kNT;
+  static constexpr uint32_t kW = kQgRows * kQgK / 2;  // packed codes
+  static constexpr uint32_t kX = kTokens * kQgK * 2;  // f16/bf16
+  static constexpr uint32_t kS = kQgRows * 4 * 8;     // {scale pair, zero code} per row and quarter
+  static constexpr uint32_t kStage = kW + kX + kS;
+  static constexpr int kWCopies = kQgRows * 4 / kQgThreads;  // 16-byte copies per thread
+  static constexpr int kXCopies = kTokens * 16 / kQgThreads;
+  static_assert(kWCopies * kQgThreads == kQgRows * 4 && kXCopies * kQgThreads == kTokens * 16, "copy split");
+};
+
+// Position of 16-byte chunk c (k 8c .. 8c + 7 of a stage) in token row tok:
+// a warp's B reads for one mma pair q touch chunks 4 t4 + q of tokens g; the
+// xor spreads each quarter-warp (tokens 2i, 2i + 1 x t4 0..3) over the 8
+// 16-byte bank groups. (The same map as the decode kernel's x staging.)
+__device__ __forceinline__ uint32_t qg_xchunk(uint32_t c, uint32_t tok) {
+  return c ^ (((c >> 2) & 2u) | (tok & 1u));
+}
+
+__device__ __forceinline__ uint2 ld_shared8(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void st_shared8(uint32_t addr, uint32_t a, uint32_t b) {
+  asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(addr), "r"(a), "r"(b));
+}
+
+template <class Ta>
+__device__ __forceinline__ uint32_t qg_mul2(uint32_t a, uint32_t b) {
+  if constexpr (std::is_same_v<Ta, __half>) {
+    const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const __nv_bfloat162 r =
+        __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
+// Raw scale bits (scale dtype) -> the scale in the activation type, in both halves.
+template <class Ta>
+__device__ __forceinline__ uint32_t qg_scale_pair(uint32_t raw, bool bf16s) {
+  const Ta s = from_f32<Ta>(qmma_scale(uint16_t(raw), bf16s));
+  uint16_t b;
+  memcpy(&b, &s, 2);
+  return uint32_t(b) | uint32_t(b) << 16;
+}
+
+template <class Ta, int kNT>
+__global__ void __launch_bounds__(kQgThreads, 1)
+    qgemm_int4_kernel(tk_qmatmul_int4_params p, int stages, unsigned t_tiles) {
+  using S = QgShape<kNT>;
+  using attn::cp_async16;
+  using attn::ld_shared16;
+  using attn::st_shared16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t N = p.w.N, K = p.w.K, T = p.T;
+  const int64_t ngroups = K / p.w.group_size;
+  const int gshift = p.w.group_size == 32 ? 5 : p.w.group_size == 64 ? 6 : 7;
+  const bool bf16s = p.w.scale_dtype == TK_BF16;
+  const unsigned t_tile = blockIdx.x % t_tiles, n_tile = blockIdx.x / t_tiles;
+  const int64_t n0 = int64_t(n_tile) * kQgRows, t0 = int64_t(t_tile) * S::kTokens;
+  const int chunks = int((K + kQgK - 1) / kQgK);
+  const uint32_t sbase = attn::smem_addr(smem);
+  const uint16_t* scales = static_cast<const uint16_t*>(p.w.scales);
+  const uint8_t* zeros = p.w.zeros;
+
+  // The block's scales and zero codes (rows n0 .. n0 + 127 are contiguous in
+  // both tables) into L2 now, so the per-stage loads below hit L2.
+  {
+    const int64_t rows = std::min<int64_t>(kQgRows, N - n0);
+    const char* sb = reinterpret_cast<const char*>(scales + n0 * ngroups);
+    for (int64_t off = int64_t(tid) * 128; off < rows * ngroups * 2; off += kQgThreads * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
+    if (zeros)
+      for (int64_t off = int64_t(tid) * 128; off < rows * ngroups; off += kQgThreads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + n0 * ngroups + off));
+  }
+
+  // This thread's copies: W piece i = tid + 256 j is row i / 4, 16 bytes i % 4
+  // (32-k quarter i % 4); x piece i is token i / 16, chunk i % 16.
+  const uint8_t* wsrc[S::kWCopies];
+  uint32_t wdst[S::kWCopies];
+#pragma unroll
+  for (int j = 0; j < S::kWCopies; ++j) {
+    const int i = tid + kQgThreads * j, row = i >> 2, q = i & 3;
+    wsrc[j] = p.w.packed + std::min(n0 + row, N - 1) * (K / 2) + 16 * q;
+    wdst[j] = uint32_t(row * 64 + q * 16);
+  }
+  const char* xsrc[S::kXCopies];
+  uint32_t xdst[S::kXCopies];
+#pragma unroll
+  for (int j = 0; j < S::kXCopies; ++j) {
+    const int i = tid + kQgThreads * j, tok = i >> 4, c = i & 15;
+    xsrc[j] = static_cast<const char*>(p.x) +
+              (std::min(t0 + tok, T - 1) * p.x_stride + 8 * c) * int64_t(sizeof(Ta));
+    xdst[j] = S::kW + uint32_t(tok * 256) + qg_xchunk(uint32_t(c), uint32_t(tok)) * 16;
+  }
+  const auto issue = [&](int chunk, int slot) {
+    const int64_t k0 = int64_t(chunk) * kQgK;
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage;
+#pragma unroll
+    for (int j = 0; j < S::kWCopies; ++j) {
+      const bool valid = k0 + 32 * ((tid + kQgThreads * j) & 3) < K;
+      cp_async16(base + wdst[j], valid ? wsrc[j] + k0 / 2 : wsrc[j], valid);
+    }
+#pragma unroll
+    for (int j = 0; j < S::kXCopies; ++j) {
+      const bool valid = k0 + 8 * ((tid + kQgThreads * j) & 15) < K;
+      cp_async16(base + xdst[j], valid ? xsrc[j] + k0 * int64_t(sizeof(Ta)) : xsrc[j], valid);
+    }
+  };
+  // Scale/zero entries e = tid + 256 j: row e / 4, quarter e % 4. Loaded raw
+  // (scale bits | zero code << 16) ahead of the stage's compute, stored after it.
+  const auto load_scales = [&](int chunk, uint32_t (&raw)[2]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int e = tid + kQgThreads * j, row = e >> 2, q = e & 3;
+      const int64_t n = std::min(n0 + row, N - 1);
+      const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
+      const uint32_t z = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
+      raw[j] = uint32_t(__ldg(scales + n * ngroups + grp)) | z << 16;
+    }
+  };
+  const auto store_scales = [&](int slot, const uint32_t (&raw)[2]) {
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kW + S::kX;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, qg_scale_pair<Ta>(raw[j] & 0xFFFFu, bf16s), raw[j] >> 16);
+  };
+
+  // Prologue: stages - 1 stages in flight.
+  {
+    uint32_t raw[kQgMaxStages - 1][2];
+#pragma unroll
+    for (int s = 0; s < kQgMaxStages - 1; ++s)
+      if (s < stages - 1) {
+        if (s < chunks) {
+          issue(s, s);
+          load_scales(s, raw[s]);
+        }
+        attn::cp_async_commit();
+      }
+#pragma unroll
+    for (int s = 0; s < kQgMaxStages - 1; ++s)
+      if (s < stages - 1 && s < chunks) store_scales(s, raw[s]);
+  }
+
+  // The warp's rows m0 .. m0 + 31 and tokens tb .. tb + 8 kNT - 1 of the block.
+  const int m0 = (warp % kQgWarpsN) * 32, tb = (warp / kQgWarpsN) * 8 * kNT;
+  uint32_t woff[2][2], soff[2][2];  // [m tile][row g, g + 8]
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + 16 * mt + 8 * r + g;
+      woff[mt][r] = uint32_t(row * 64 + t4 * 16);
+      soff[mt][r] = S::kW + S::kX + uint32_t(row * 32 + t4 * 8);
+    }
+  uint32_t xoff[4];  // chunk 4 t4 + q of token tb + g (+ 8 nt: 2048 bytes on, same parity)
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    xoff[q] = S::kW + uint32_t((tb + g) * 256) + qg_xchunk(uint32_t(4 * t4 + q), uint32_t(g)) * 16;
+
+  float acc[2][kNT][4] = {};
+  int slot = 0;
+  for (int c = 0; c < chunks; ++c) {
+    switch (stages) {  // this thread's copies of chunk c have landed
+      case 2: attn::cp_async_wait<0>(); break;
+      case 3: attn::cp_async_wait<1>(); break;
+      default: attn::cp_async_wait<2>(); break;
+    }
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage;
+    {  // x chunks -> B fragment order, by the thread that copied them (loads first: one round trip)
+      uint4 v[S::kXCopies];
+#pragma unroll
+      for (int j = 0; j < S::kXCopies; ++j) v[j] = ld_shared16(base + xdst[j]);
+#pragma unroll
+      for (int j = 0; j < S::kXCopies; ++j) st_shared16(base + xdst[j], qmma_b_frags(v[j]));
+    }
+    __syncthreads();  // stage c is complete, and every warp is done with stage c - 1
+    const int cn = c + stages - 1;
+    int nslot = slot + stages - 1;
+    if (nslot >= stages) nslot -= stages;
+    uint32_t raw[2];
+    if (cn < chunks) {
+      issue(cn, nslot);  // into the slot stage c - 1 used
+      load_scales(cn, raw);
+    }
+    attn::cp_async_commit();
+
+    uint4 wq[2][2];
+    QZero zq[2][2];
+    uint32_t s2[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        wq[mt][r] = ld_shared16(base + woff[mt][r]);
+        const uint2 e = ld_shared8(base + soff[mt][r]);
+        s2[mt][r] = e.x;
+        zq[mt][r] = qmma_zero<Ta>(e.y);
+      }
+    // The shared-memory loads and the mmas are volatile asm, kept in program
+    // order: the B fragments of pair q + 1 are loaded before the mmas of pair q.
+    uint4 xb[kNT], xn[kNT];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) xn[nt] = ld_shared16(base + xoff[0] + uint32_t(nt) * 2048);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // mma pair q: word q of each lane's 16 bytes
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        xb[nt] = xn[nt];
+        if (q < 3) xn[nt] = ld_shared16(base + xoff[q + 1] + uint32_t(nt) * 2048);
+      }
+      uint32_t a[2][2][4];  // [m tile][row g, g + 8][pairs]
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t word = q == 0 ? wq[mt][r].x : q == 1 ? wq[mt][r].y : q == 2 ? wq[mt][r].z : wq[mt][r].w;
+          qmma_dequant_word<Ta>(word, zq[mt][r], a[mt][r]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][r][i] = qg_mul2<Ta>(a[mt][r][i], s2[mt][r]);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const uint32_t af[4] = {a[mt][0][2 * h], a[mt][1][2 * h], a[mt][0][2 * h + 1], a[mt][1][2 * h + 1]};
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+            QmmaType<Ta>::mma(acc[mt][nt], af, h ? xb[nt].z : xb[nt].x, h ? xb[nt].w : xb[nt].y);
+        }
+    }
+    if (cn < chunks) store_scales(nslot, raw);
+    if (++slot == stages) slot = 0;
+  }
+
+  // c0, c1: row g, tokens 2 t4, 2 t4 + 1; c2, c3: row g + 8.
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = n0 + m0 + 16 * mt + g + (i >= 2 ? 8 : 0);
+        const int64_t tok = t0 + tb + 8 * nt + 2 * t4 + (i & 1);
+        if (row < N && tok < T) static_cast<Ta*>(p.y)[tok * p.y_stride + row] = from_f32<Ta>(acc[mt][nt][i]);
+      }
+}
+
+template <class Ta, int kNT>
+tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
+  using S = QgShape<kNT>;
+  const int stages = int(std::min<int64_t>(kQgMaxStages, int64_t(l.smem_optin) / S::kStage));
+  if (stages < 2)
+    return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: %u bytes of shared memory per block needed, the device has %d",
+                2 * S::kStage, l.smem_optin);
+  // Raised once per kernel to the device's opt-in limit, which every launch fits.
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      qgemm_int4_kernel<Ta, kNT>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
+  if (attr != cudaSuccess)
+    return fail(TK_ERR_BACKEND, "qmatmul_int4: cannot reserve shared memory: %s", cudaGetErrorString(attr));
+  const int64_t t_tiles = (p.T + S::kTokens - 1) / S::kTokens;
+  const int64_t blocks = (p.w.N + kQgRows - 1) / kQgRows * t_tiles;
+  if (blocks >= (int64_t(1) << 31))
+    return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: T = %lld x N = %lld is too large for one launch",
+                (long long)p.T, (long long)p.w.N);
+  qgemm_int4_kernel<Ta, kNT>
+      <<<unsigned(blocks), kQgThreads, size_t(stages) * S::kStage, l.stream>>>(p, stages, unsigned(t_tiles));
+  return check_launch("qmatmul_int4");
+}
+
+}  // namespace
+
+// Requires f16/bf16 activations, 16-byte aligned packed weights and x rows
+// (the caller checks; K is a multiple of 32, so every packed row is too).
+// 32 tokens per block up to T = 32 (less padding at T 9..32), else 64.
+tk_status qgemm_int4(const tk_qmatmul_int4_params& p, const Launch& l) {
+  const bool small = p.T <= 32;
+  if (p.dtype == TK_F16) return small ? launch_qgemm<__half, 2>(p, l) : launch_qgemm<__half, 4>(p, l);
+  return small ? launch_qgemm<__nv_bfloat16, 2>(p, l) : launch_qgemm<__nv_bfloat16, 4>(p, l);
+}
+
+}  // namespace tk::cuda
