@@ -12,18 +12,19 @@
 //
 // Block: 8 warps, 4 along N (32 rows = 2 m16 tiles each) x 2 along T (kNT
 // n8 tiles each). Stage (128 k): W [128 rows][64 bytes], x [tokens][128 k]
-// and per (row, 32-k quarter) the scale as a pair in the activation type and
-// the zero code. Lane (g, t4) of a warp reads the qmma.cuh layout: 16 bytes
-// (32 codes, k 32 t4 .. 32 t4 + 31 of the stage) of rows g and g + 8; a 32-k
-// quarter never straddles a group (groups are 32, 64 or 128), so a lane needs
-// one scale per row and stage. B fragments come from x permuted in place
-// once per stage by the threads that copied it (qmma_b_frags), so each warp
-// reads them with one 16-byte load per n8 tile and mma pair.
-//
-// Rounding: the scale is applied in the dequantisation, (q - z) exact, then
-// times the scale in f16/bf16 (one rounding of each weight to the activation
-// type, as a dense f16/bf16 weight has), because within one mma the four
-// lanes of a row may hold different groups (group 32). Accumulation in f32.
+// and per (32-k quarter, row) the scale in f32 and the zero code. An mma pair
+// (two k16 steps) takes one 32-k quarter q of the stage: lane (g, t4) holds
+// word t4 of that quarter (k 32 q + 8 t4 .. + 7) of rows g and g + 8, and
+// the k order inside the word is the qmma.cuh pairing (one LOP3 per two
+// codes). A quarter never straddles a group (groups are 32, 64 or 128), so
+// every mma sums one group of each row: the group's f32 scale multiplies the
+// f32 partial sums once per group, as in the decode kernels; the integer
+// q - z is exact in f16 and bf16. (The first version scaled the codes in the
+// activation type: in bf16 that rounds each scale and each weight to 8 bits,
+// up to 0.9x the bf16 test tolerance in an error model of the test data, and
+// one H100 run failed a case at 1.13x.)
+// B fragments come from x permuted in place once per stage by the threads
+// that copied it (qmma_b_frags): one 16-byte load per n8 tile and mma pair.
 //
 // Edges: rows past N and tokens past T read the last row/token (results
 // dropped); the 32-k quarters past K (K a multiple of 32, not of 128) are
@@ -49,7 +50,7 @@ struct QgShape {
   static constexpr int kTokens = 2 * 8 * kNT;
   static constexpr uint32_t kW = kQgRows * kQgK / 2;  // packed codes
   static constexpr uint32_t kX = kTokens * kQgK * 2;  // f16/bf16
-  static constexpr uint32_t kS = kQgRows * 4 * 8;     // {scale pair, zero code} per row and quarter
+  static constexpr uint32_t kS = kQgRows * 4 * 8;     // {f32 scale, zero code} per quarter and row
   static constexpr uint32_t kStage = kW + kX + kS;
   static constexpr int kWCopies = kQgRows * 4 / kQgThreads;  // 16-byte copies per thread
   static constexpr int kXCopies = kTokens * 16 / kQgThreads;
@@ -57,13 +58,22 @@ struct QgShape {
 };
 
 // Position of 16-byte chunk c (k 8c .. 8c + 7 of a stage) in token row tok:
-// a warp's B reads for one mma pair q touch chunks 4 t4 + q of tokens g; the
-// xor spreads each quarter-warp (tokens 2i, 2i + 1 x t4 0..3) over the 8
-// 16-byte bank groups. (The same map as the decode kernel's x staging.)
-__device__ __forceinline__ uint32_t qg_xchunk(uint32_t c, uint32_t tok) {
-  return c ^ (((c >> 2) & 2u) | (tok & 1u));
+// a warp's B reads for quarter q touch chunks 4 q + t4 of tokens g; the xor
+// puts tokens 2i and 2i + 1 (one quarter-warp with t4 0..3) in different
+// halves of the 8 16-byte bank groups.
+__device__ __forceinline__ uint32_t qg_xchunk(uint32_t c, uint32_t tok) { return c ^ ((tok & 1u) << 2); }
+// Byte offset of quarter q of W row `row` in a stage: the lanes of a warp
+// read word t4 of quarter q of 8 consecutive rows; the xor with row bits 1-2
+// spreads them over all 32 banks.
+__device__ __forceinline__ uint32_t qg_wchunk(uint32_t row, uint32_t q) {
+  return row * 64 + ((q ^ ((row >> 1) & 3u)) * 16);
 }
 
+__device__ __forceinline__ uint32_t ld_shared4(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ uint2 ld_shared8(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
@@ -73,28 +83,27 @@ __device__ __forceinline__ void st_shared8(uint32_t addr, uint32_t a, uint32_t b
   asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(addr), "r"(a), "r"(b));
 }
 
+// c = A B (no accumulator input: the first mma of a group).
 template <class Ta>
-__device__ __forceinline__ uint32_t qg_mul2(uint32_t a, uint32_t b) {
-  if constexpr (std::is_same_v<Ta, __half>) {
-    const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  } else {
-    const __nv_bfloat162 r =
-        __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
+__device__ __forceinline__ void qg_mma0(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  constexpr bool kF16 = std::is_same_v<Ta, __half>;
+  const float z = 0.0f;
+  if constexpr (kF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
 }
 
-// Raw scale bits (scale dtype) -> the scale in the activation type, in both halves.
-template <class Ta>
-__device__ __forceinline__ uint32_t qg_scale_pair(uint32_t raw, bool bf16s) {
-  const Ta s = from_f32<Ta>(qmma_scale(uint16_t(raw), bf16s));
-  uint16_t b;
-  memcpy(&b, &s, 2);
-  return uint32_t(b) | uint32_t(b) << 16;
-}
-
-template <class Ta, int kNT>
+// kQpg: quarters (32 k) per group, 1, 2 or 4: where a group's partial sums start and end.
+template <class Ta, int kNT, int kQpg>
 __global__ void __launch_bounds__(kQgThreads, 1)
     qgemm_int4_kernel(tk_qmatmul_int4_params p, int stages, unsigned t_tiles) {
   using S = QgShape<kNT>;
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int64_t N = p.w.N, K = p.w.K, T = p.T;
   const int64_t ngroups = K / p.w.group_size;
-  const int gshift = p.w.group_size == 32 ? 5 : p.w.group_size == 64 ? 6 : 7;
+  constexpr int gshift = kQpg == 1 ? 5 : kQpg == 2 ? 6 : 7;
   const bool bf16s = p.w.scale_dtype == TK_BF16;
   const unsigned t_tile = blockIdx.x % t_tiles, n_tile = blockIdx.x / t_tiles;
   const int64_t n0 = int64_t(n_tile) * kQgRows, t0 = int64_t(t_tile) * S::kTokens;
@@ -134,7 +143,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   for (int j = 0; j < S::kWCopies; ++j) {
     const int i = tid + kQgThreads * j, row = i >> 2, q = i & 3;
     wsrc[j] = p.w.packed + std::min(n0 + row, N - 1) * (K / 2) + 16 * q;
-    wdst[j] = uint32_t(row * 64 + q * 16);
+    wdst[j] = qg_wchunk(uint32_t(row), uint32_t(q));
   }
   const char* xsrc[S::kXCopies];
   uint32_t xdst[S::kXCopies];
@@ -159,12 +168,13 @@ __global__ void __launch_bounds__(kQgThreads, 1)
       cp_async16(base + xdst[j], valid ? xsrc[j] + k0 * int64_t(sizeof(Ta)) : xsrc[j], valid);
     }
   };
-  // Scale/zero entries e = tid + 256 j: row e / 4, quarter e % 4. Loaded raw
-  // (scale bits | zero code << 16) ahead of the stage's compute, stored after it.
+  // Scale/zero entries e = tid + 256 j: quarter e / 128, row e % 128. Loaded
+  // raw (scale bits | zero code << 16) ahead of the stage's compute, stored
+  // after it (at byte 8 e of the stage's table).
   const auto load_scales = [&](int chunk, uint32_t (&raw)[2]) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int e = tid + kQgThreads * j, row = e >> 2, q = e & 3;
+      const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
       const int64_t n = std::min(n0 + row, N - 1);
       const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
       const uint32_t z = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
@@ -175,7 +185,8 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kW + S::kX;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
-      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, qg_scale_pair<Ta>(raw[j] & 0xFFFFu, bf16s), raw[j] >> 16);
+      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw[j]), bf16s)),
+                 raw[j] >> 16);
   };
 
   // Prologue: stages - 1 stages in flight.
@@ -197,19 +208,13 @@ __global__ void __launch_bounds__(kQgThreads, 1)
 
   // The warp's rows m0 .. m0 + 31 and tokens tb .. tb + 8 kNT - 1 of the block.
   const int m0 = (warp % kQgWarpsN) * 32, tb = (warp / kQgWarpsN) * 8 * kNT;
-  uint32_t woff[2][2], soff[2][2];  // [m tile][row g, g + 8]
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = m0 + 16 * mt + 8 * r + g;
-      woff[mt][r] = uint32_t(row * 64 + t4 * 16);
-      soff[mt][r] = S::kW + S::kX + uint32_t(row * 32 + t4 * 8);
-    }
-  uint32_t xoff[4];  // chunk 4 t4 + q of token tb + g (+ 8 nt: 2048 bytes on, same parity)
+  // Rows m0 + 16 mt + 8 r + g: their bits 1-2 are those of g, so one swizzle for all four.
+  const uint32_t wlane = uint32_t((m0 + g) * 64 + t4 * 4), wsw = uint32_t((g >> 1) & 3);
+  const uint32_t slane = S::kW + S::kX + uint32_t(m0 + g) * 8;  // + 1024 q + 8 (16 mt + 8 r)
+  uint32_t xoff[4];  // chunk 4 q + t4 of token tb + g (+ 8 nt: 2048 bytes on, same parity)
 #pragma unroll
   for (int q = 0; q < 4; ++q)
-    xoff[q] = S::kW + uint32_t((tb + g) * 256) + qg_xchunk(uint32_t(4 * t4 + q), uint32_t(g)) * 16;
+    xoff[q] = S::kW + uint32_t((tb + g) * 256) + qg_xchunk(uint32_t(4 * q + t4), uint32_t(g)) * 16;
 
   float acc[2][kNT][4] = {};
   int slot = 0;
@@ -238,25 +243,35 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     }
     attn::cp_async_commit();
 
-    uint4 wq[2][2];
-    QZero zq[2][2];
-    uint32_t s2[2][2];
+    uint32_t wq[2][2][4];  // [m tile][row g, g + 8][quarter]: word t4 of each quarter
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        wq[mt][r] = ld_shared16(base + woff[mt][r]);
-        const uint2 e = ld_shared8(base + soff[mt][r]);
-        s2[mt][r] = e.x;
-        zq[mt][r] = qmma_zero<Ta>(e.y);
-      }
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          wq[mt][r][q] = ld_shared4(base + wlane + uint32_t(16 * mt + 8 * r) * 64 + ((uint32_t(q) ^ wsw) * 16));
     // The shared-memory loads and the mmas are volatile asm, kept in program
-    // order: the B fragments of pair q + 1 are loaded before the mmas of pair q.
+    // order: the B fragments of quarter q + 1 are loaded before the mmas of q.
     uint4 xb[kNT], xn[kNT];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) xn[nt] = ld_shared16(base + xoff[0] + uint32_t(nt) * 2048);
+    QZero zq[2][2];
+    float sc[2][2];
+    float part[2][kNT][4];  // this group's sums, unscaled
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {  // mma pair q: word q of each lane's 16 bytes
+    for (int q = 0; q < 4; ++q) {  // mma pair q: quarter q
+      const bool first = q % kQpg == 0, last = (q + 1) % kQpg == 0;  // of its group (constants once unrolled)
+      if (first) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint2 e = ld_shared8(base + slane + uint32_t(q) * 1024 + uint32_t(16 * mt + 8 * r) * 8);
+            sc[mt][r] = __uint_as_float(e.x);
+            zq[mt][r] = qmma_zero<Ta>(e.y);
+          }
+      }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         xb[nt] = xn[nt];
@@ -266,21 +281,32 @@ __global__ void __launch_bounds__(kQgThreads, 1)
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t word = q == 0 ? wq[mt][r].x : q == 1 ? wq[mt][r].y : q == 2 ? wq[mt][r].z : wq[mt][r].w;
-          qmma_dequant_word<Ta>(word, zq[mt][r], a[mt][r]);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[mt][r][i] = qg_mul2<Ta>(a[mt][r][i], s2[mt][r]);
-        }
+        for (int r = 0; r < 2; ++r) qmma_dequant_word<Ta>(wq[mt][r][q], zq[mt][r], a[mt][r]);
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           const uint32_t af[4] = {a[mt][0][2 * h], a[mt][1][2 * h], a[mt][0][2 * h + 1], a[mt][1][2 * h + 1]};
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-            QmmaType<Ta>::mma(acc[mt][nt], af, h ? xb[nt].z : xb[nt].x, h ? xb[nt].w : xb[nt].y);
+          for (int nt = 0; nt < kNT; ++nt) {
+            const uint32_t b0 = h ? xb[nt].z : xb[nt].x, b1 = h ? xb[nt].w : xb[nt].y;
+            if (h == 0 && first)
+              qg_mma0<Ta>(part[mt][nt], af, b0, b1);
+            else
+              QmmaType<Ta>::mma(part[mt][nt], af, b0, b1);
+          }
         }
+      if (last) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            acc[mt][nt][0] = fmaf(sc[mt][0], part[mt][nt][0], acc[mt][nt][0]);
+            acc[mt][nt][1] = fmaf(sc[mt][0], part[mt][nt][1], acc[mt][nt][1]);
+            acc[mt][nt][2] = fmaf(sc[mt][1], part[mt][nt][2], acc[mt][nt][2]);
+            acc[mt][nt][3] = fmaf(sc[mt][1], part[mt][nt][3], acc[mt][nt][3]);
+          }
+      }
     }
     if (cn < chunks) store_scales(nslot, raw);
     if (++slot == stages) slot = 0;
@@ -299,7 +325,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
       }
 }
 
-template <class Ta, int kNT>
+template <class Ta, int kNT, int kQpg>
 tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
   using S = QgShape<kNT>;
   const int stages = int(std::min<int64_t>(kQgMaxStages, int64_t(l.smem_optin) / S::kStage));
@@ -308,7 +334,7 @@ tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
                 2 * S::kStage, l.smem_optin);
   // Raised once per kernel to the device's opt-in limit, which every launch fits.
   static const cudaError_t attr = cudaFuncSetAttribute(
-      qgemm_int4_kernel<Ta, kNT>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
+      qgemm_int4_kernel<Ta, kNT, kQpg>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "qmatmul_int4: cannot reserve shared memory: %s", cudaGetErrorString(attr));
   const int64_t t_tiles = (p.T + S::kTokens - 1) / S::kTokens;
@@ -316,20 +342,30 @@ tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
   if (blocks >= (int64_t(1) << 31))
     return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: T = %lld x N = %lld is too large for one launch",
                 (long long)p.T, (long long)p.w.N);
-  qgemm_int4_kernel<Ta, kNT>
+  qgemm_int4_kernel<Ta, kNT, kQpg>
       <<<unsigned(blocks), kQgThreads, size_t(stages) * S::kStage, l.stream>>>(p, stages, unsigned(t_tiles));
   return check_launch("qmatmul_int4");
+}
+
+template <class Ta, int kQpg>
+tk_status launch_qgemm_t(const tk_qmatmul_int4_params& p, const Launch& l) {
+  // 32 tokens per block up to T = 32 (less padding at T 9..32), else 64.
+  return p.T <= 32 ? launch_qgemm<Ta, 2, kQpg>(p, l) : launch_qgemm<Ta, 4, kQpg>(p, l);
+}
+
+template <class Ta>
+tk_status launch_qgemm_g(const tk_qmatmul_int4_params& p, const Launch& l) {
+  if (p.w.group_size == 32) return launch_qgemm_t<Ta, 1>(p, l);
+  if (p.w.group_size == 64) return launch_qgemm_t<Ta, 2>(p, l);
+  return launch_qgemm_t<Ta, 4>(p, l);  // 128 (validated)
 }
 
 }  // namespace
 
 // Requires f16/bf16 activations, 16-byte aligned packed weights and x rows
 // (the caller checks; K is a multiple of 32, so every packed row is too).
-// 32 tokens per block up to T = 32 (less padding at T 9..32), else 64.
 tk_status qgemm_int4(const tk_qmatmul_int4_params& p, const Launch& l) {
-  const bool small = p.T <= 32;
-  if (p.dtype == TK_F16) return small ? launch_qgemm<__half, 2>(p, l) : launch_qgemm<__half, 4>(p, l);
-  return small ? launch_qgemm<__nv_bfloat16, 2>(p, l) : launch_qgemm<__nv_bfloat16, 4>(p, l);
+  return p.dtype == TK_F16 ? launch_qgemm_g<__half>(p, l) : launch_qgemm_g<__nv_bfloat16>(p, l);
 }
 
 }  // namespace tk::cuda
