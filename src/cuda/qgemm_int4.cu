@@ -113,8 +113,8 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int64_t N = p.w.N, K = p.w.K, T = p.T;
-  const int64_t ngroups = K / p.w.group_size;
-  constexpr int gshift = kQpg == 1 ? 5 : kQpg == 2 ? 6 : 7;
+  constexpr int gshift = kQpg == 1 ? 5 : kQpg == 2 ? 6 : 7;  // group size 32 kQpg (the launcher's choice)
+  const int64_t ngroups = K >> gshift;
   const bool bf16s = p.w.scale_dtype == TK_BF16;
   const unsigned t_tile = blockIdx.x % t_tiles, n_tile = blockIdx.x / t_tiles;
   const int64_t n0 = int64_t(n_tile) * kQgRows, t0 = int64_t(t_tile) * S::kTokens;
@@ -169,29 +169,35 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     }
   };
   // Scale/zero entries e = tid + 256 j: quarter e / 128, row e % 128. Loaded
-  // raw (scale bits | zero code << 16) ahead of the stage's compute, stored
-  // after it (at byte 8 e of the stage's table).
-  const auto load_scales = [&](int chunk, uint32_t (&raw)[2]) {
+  // ahead of the stage's compute, stored after it (at byte 8 e of the stage's
+  // table). The loaded values stay untouched until the store: an operation on
+  // them in the issuing block (packing scale and zero into one register, as
+  // the first version did) makes every warp wait there for the global load,
+  // between the barrier and the stage's mmas.
+  struct Raw {
+    uint32_t s[2], z[2];
+  };
+  const auto load_scales = [&](int chunk, Raw& raw) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
       const int64_t n = std::min(n0 + row, N - 1);
       const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
-      const uint32_t z = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
-      raw[j] = uint32_t(__ldg(scales + n * ngroups + grp)) | z << 16;
+      raw.z[j] = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
+      raw.s[j] = uint32_t(__ldg(scales + n * ngroups + grp));
     }
   };
-  const auto store_scales = [&](int slot, const uint32_t (&raw)[2]) {
+  const auto store_scales = [&](int slot, const Raw& raw) {
     const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kW + S::kX;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
-      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw[j]), bf16s)),
-                 raw[j] >> 16);
+      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw.s[j]), bf16s)),
+                 raw.z[j]);
   };
 
   // Prologue: stages - 1 stages in flight.
   {
-    uint32_t raw[kQgMaxStages - 1][2];
+    Raw raw[kQgMaxStages - 1];
 #pragma unroll
     for (int s = 0; s < kQgMaxStages - 1; ++s)
       if (s < stages - 1) {
@@ -236,7 +242,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     const int cn = c + stages - 1;
     int nslot = slot + stages - 1;
     if (nslot >= stages) nslot -= stages;
-    uint32_t raw[2];
+    Raw raw;
     if (cn < chunks) {
       issue(cn, nslot);  // into the slot stage c - 1 used
       load_scales(cn, raw);
