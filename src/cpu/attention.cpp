@@ -14,6 +14,7 @@
 #define HWY_TARGET_INCLUDE "cpu/attention.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -37,7 +38,7 @@ int64_t KeyBlock(size_t row_floats) {
 }
 // Keys per block when K/V are read in place: nothing is staged, so only the
 // softmax bookkeeping per block (max, rescale) sets it.
-constexpr int64_t kDirectKeyBlock = 32;
+constexpr int64_t kDirectKeyBlock = 64;
 // Query tokens per unit: with 8 q heads per KV head that is 128 query rows.
 constexpr int64_t kQueryTile = 16;
 // Paged contexts are chunked no finer than this many keys: below it the
@@ -170,37 +171,114 @@ HWY_INLINE void StoreSums(DF d, const VF* a, float* out) {
 #endif
 }
 
+#if TK_JOINT_SUMS
+// Keys whose scores one vector holds: groups of kKeyStep-key steps are
+// reduced into it together (below) when a step has 4 keys.
+constexpr bool kGroupSums = kKeyStep == 4;
+
+// For a step's four vectors a[0..3] (one key each): block b of the result
+// holds their four partial sums over block b, (a0, a1, a2, a3).
+HWY_INLINE VF StepSums(DF d, const VF* a) {
+  const hn::Repartition<uint64_t, DF> d64;
+  const VF ab = hn::Add(hn::InterleaveLower(d, a[0], a[1]), hn::InterleaveUpper(d, a[0], a[1]));
+  const VF cd = hn::Add(hn::InterleaveLower(d, a[2], a[3]), hn::InterleaveUpper(d, a[2], a[3]));
+  const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+  return hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab64, cd64)),
+                 hn::BitCast(d, hn::InterleaveUpper(d64, ab64, cd64)));
+}
+
+// u[x] = StepSums of keys 4x .. 4x + 3 (x < Lanes / 4) -> lane j = the full
+// sum of key j: the blocks of each u are added together and the results
+// placed block by block.
+template <class D>
+HWY_INLINE hn::Vec<D> GroupSums(D d, const hn::Vec<D>* u) {
+  constexpr size_t kLanes = hn::MaxLanes(D());
+  if constexpr (kLanes == 4) {
+    return u[0];
+  } else if constexpr (kLanes == 8) {
+    return hn::Add(hn::ConcatLowerLower(d, u[1], u[0]), hn::ConcatUpperUpper(d, u[1], u[0]));
+  } else {
+    static_assert(kLanes == 16, "one to four 128-bit blocks");
+    // Halves added: x = (k0-3, k0-3, k8-11, k8-11) partials, y likewise
+    // for k4-7 and k12-15; then adjacent blocks, then every other block.
+    auto x = hn::Add(hn::ConcatLowerLower(d, u[2], u[0]), hn::ConcatUpperUpper(d, u[2], u[0]));
+    auto y = hn::Add(hn::ConcatLowerLower(d, u[3], u[1]), hn::ConcatUpperUpper(d, u[3], u[1]));
+    x = hn::Add(x, hn::SwapAdjacentBlocks(x));
+    y = hn::Add(y, hn::SwapAdjacentBlocks(y));
+    return hn::OddEvenBlocks(y, x);
+  }
+}
+#else
+constexpr bool kGroupSums = false;
+#endif
+
+// RG query rows at q against kKeyStep keys k[t] (+ hoff): acc[i][t] = the
+// lane-wise products summed over the head dim. Requests the bytes at the
+// same place of the next step's keys into L1 (from L2) and, when kr has one,
+// of this step's keys in the next block into L2.
+template <int RG, class TK>
+HWY_INLINE void DotKeys(const float* HWY_RESTRICT q, size_t dp, const KeyRows<TK>& kr, size_t hoff,
+                        int64_t j, int64_t nk, VF (&acc)[RG][kKeyStep]) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  const TK* k[kKeyStep];
+  const TK* ahead[kKeyStep];
+  const TK* next[kKeyStep];
+  for (int t = 0; t < kKeyStep; ++t) {
+    k[t] = kr.k[std::min<int64_t>(j + t, nk - 1)] + hoff;
+    ahead[t] = kr.k[std::min<int64_t>(j + kKeyStep + t, nk - 1)] + hoff;
+    next[t] = kr.k_next ? kr.k_next[std::min<int64_t>(j + t, nk - 1)] + hoff : nullptr;
+  }
+  for (int i = 0; i < RG; ++i)
+    for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::Zero(d);
+  for (size_t c = 0; c < dp; c += N) {
+    VF kv[kKeyStep];
+    const bool line = (c * sizeof(TK)) % 64 == 0;  // one request per cache line
+    for (int t = 0; t < kKeyStep; ++t) {
+      if (line) {
+        hwy::Prefetch(ahead[t] + c);
+        if (kr.k_next) PrefetchL2(next[t] + c);
+      }
+      kv[t] = LoadF32(d, k[t] + c);
+    }
+    for (int i = 0; i < RG; ++i) {
+      const VF qv = hn::LoadU(d, q + size_t(i) * dp + c);
+      for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::MulAdd(qv, kv[t], acc[i][t]);
+    }
+  }
+}
+
 // s[i][j] = q_i . k_j for the RG query rows at q and keys [0, nk) of the block
-// (a step past nk repeats key nk - 1; those scores are never used).
+// (a step past nk repeats key nk - 1; those scores are never used). s rows
+// are kKeyBlock apart, and j may run to nk rounded up to whole vectors.
 template <int RG, class TK>
 HWY_INLINE void ScoreKeys(const float* HWY_RESTRICT q, size_t dp, const KeyRows<TK>& kr, size_t hoff,
                           int64_t nk, float* HWY_RESTRICT s) {
   const DF d;
-  const size_t N = hn::Lanes(d);
-  for (int64_t j = 0; j < nk; j += kKeyStep) {
-    const TK* k[kKeyStep];
-    for (int t = 0; t < kKeyStep; ++t) k[t] = kr.k[std::min<int64_t>(j + t, nk - 1)] + hoff;
-    VF acc[RG][kKeyStep];
-    for (int i = 0; i < RG; ++i)
-      for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::Zero(d);
-    const TK* kn[kKeyStep];
-    if (kr.k_next)
-      for (int t = 0; t < kKeyStep; ++t) kn[t] = kr.k_next[std::min<int64_t>(j + t, nk - 1)] + hoff;
-    for (size_t c = 0; c < dp; c += N) {
-      VF kv[kKeyStep];
-      for (int t = 0; t < kKeyStep; ++t) {
-        if (kr.k_next) PrefetchL2(kn[t] + c);
-        kv[t] = LoadF32(d, k[t] + c);
+  VF acc[RG][kKeyStep];
+  if constexpr (kGroupSums) {
+    // A vector of keys at a time, reduced together: about 12 shuffles and
+    // adds per row and step, against 19 (and scalar stores) key by key.
+    const int64_t N = int64_t(hn::Lanes(d));
+    VF u[RG][hn::MaxLanes(DF()) / 4];
+    for (int64_t j0 = 0; j0 < nk; j0 += N) {
+#pragma GCC unroll 4
+      for (int64_t x = 0; x < N / 4; ++x) {
+        DotKeys<RG>(q, dp, kr, hoff, j0 + 4 * x, nk, acc);
+        for (int i = 0; i < RG; ++i) u[i][x] = StepSums(d, acc[i]);
       }
-      for (int i = 0; i < RG; ++i) {
-        const VF qv = hn::LoadU(d, q + size_t(i) * dp + c);
-        for (int t = 0; t < kKeyStep; ++t) acc[i][t] = hn::MulAdd(qv, kv[t], acc[i][t]);
-      }
+      for (int i = 0; i < RG; ++i) hn::StoreU(GroupSums(d, u[i]), d, s + i * kKeyBlock + j0);
     }
-    for (int i = 0; i < RG; ++i) StoreSums(d, acc[i], s + i * kKeyBlock + j);
+  } else {
+    for (int64_t j = 0; j < nk; j += kKeyStep) {
+      DotKeys<RG>(q, dp, kr, hoff, j, nk, acc);
+      for (int i = 0; i < RG; ++i) StoreSums(d, acc[i], s + i * kKeyBlock + j);
+    }
   }
 }
 
+// Keys ahead whose value rows are requested into L1 (from L2).
+constexpr int64_t kValueAhead = 4;
 // o_i = alpha_i o_i + sum_j p_ij v_j over CV vectors of the head dim from c.
 template <int RG, int CV, class TK>
 HWY_INLINE void AccumulateValues(float* HWY_RESTRICT o, size_t dp, size_t c, const KeyRows<TK>& kr,
@@ -214,9 +292,11 @@ HWY_INLINE void AccumulateValues(float* HWY_RESTRICT o, size_t dp, size_t c, con
       acc[i][x] = hn::Mul(hn::LoadU(d, o + size_t(i) * dp + c + x * N), hn::Set(d, alpha[i]));
   for (int64_t j = 0; j < nk; ++j) {
     const TK* v = kr.v[j] + hoff + c;
-    if (kr.v_next)
-      for (size_t b = 0; b < CV * N * sizeof(TK); b += 64)
-        PrefetchL2(reinterpret_cast<const char*>(kr.v_next[j] + hoff + c) + b);
+    const TK* va = kr.v[std::min<int64_t>(j + kValueAhead, nk - 1)] + hoff + c;
+    for (size_t b = 0; b < CV * N * sizeof(TK); b += 64) {
+      if (kr.v_next) PrefetchL2(reinterpret_cast<const char*>(kr.v_next[j] + hoff + c) + b);
+      hwy::Prefetch(reinterpret_cast<const char*>(va) + b);
+    }
     VF vv[CV];
     for (int x = 0; x < CV; ++x) vv[x] = LoadF32(d, v + x * N);
     for (int i = 0; i < RG; ++i) {
@@ -243,34 +323,38 @@ HWY_INLINE void AttendRows(Unit& u, int64_t r0, int64_t j0, int64_t nk, const Ke
   const size_t hoff = size_t(r0 / u.rows_per_head) * kr.head_step;
   float* s = u.s;  // [RG][kKeyBlock]
   ScoreKeys<RG>(u.q + size_t(r0) * dp, dp, kr, hoff, max_lim, s);
-  float alpha[RG];
+  // Online softmax: the block max of each row, then every row's rescale
+  // factor alpha = e^(m_old - m_new) in one vector, then the weights.
+  float m_new[RG];
+  alignas(64) float alpha[kMaxLanes * ((RG + kMaxLanes - 1) / kMaxLanes)] = {};
   for (int i = 0; i < RG; ++i) {
-    const int64_t r = r0 + i;
-    float* si = s + i * kKeyBlock;
-    if (lim[i] == 0) {  // no key of this block is visible to the row: it keeps its state
-      alpha[i] = 1.0f;
-      for (int64_t j = 0; j < max_lim; ++j) si[j] = 0.0f;
-      continue;
-    }
+    const float* si = s + i * kKeyBlock;
     VF bmv = hn::Set(d, kNegInf);
     for (int64_t j = 0; j < lim[i]; j += int64_t(N)) {
       const auto valid = hn::FirstN(d, size_t(std::min<int64_t>(lim[i] - j, int64_t(N))));
       bmv = hn::Max(bmv, hn::IfThenElse(valid, hn::LoadU(d, si + j), hn::Set(d, kNegInf)));
     }
-    const float m_new = std::max(u.m[r], hn::GetLane(hn::MaxOfLanes(d, bmv)));
-    alpha[i] = u.m[r] == kNegInf ? 0.0f : std::exp(u.m[r] - m_new);
+    // A row that sees no key of this block keeps its state (alpha 1).
+    m_new[i] = std::max(u.m[r0 + i], hn::GetLane(hn::MaxOfLanes(d, bmv)));
+    // m_old = -inf (no key seen yet: o and l are 0) gives e^-inf = 0.
+    alpha[i] = m_new[i] == kNegInf ? 0.0f : u.m[r0 + i] - m_new[i];
+  }
+  for (int i = 0; i < RG; i += int(N)) hn::Store(ExpNonPositive(d, hn::Load(d, alpha + i)), d, alpha + i);
+  for (int i = 0; i < RG; ++i) {
+    const int64_t r = r0 + i;
+    float* si = s + i * kKeyBlock;
     // p_j = e^(s_j - m_new); keys past the row's limit get exact zeros.
-    const VF mv = hn::Set(d, m_new);
+    const VF mv = hn::Set(d, m_new[i]);
     VF psum = hn::Zero(d);
     for (int64_t j = 0; j < max_lim; j += int64_t(N)) {
       const int64_t valid = std::clamp<int64_t>(lim[i] - j, 0, int64_t(N));
-      VF p = ExpFast(d, hn::Max(hn::Sub(hn::LoadU(d, si + j), mv), hn::Set(d, -87.0f)));
+      VF p = ExpNonPositive(d, hn::Sub(hn::LoadU(d, si + j), mv));
       p = hn::IfThenElseZero(hn::FirstN(d, size_t(valid)), p);
       hn::StoreU(p, d, si + j);
       psum = hn::Add(psum, p);
     }
     u.l[r] = u.l[r] * alpha[i] + ReduceSum(d, psum);
-    u.m[r] = m_new;
+    u.m[r] = m_new[i];
   }
   float* o = u.o + size_t(r0) * dp;
   size_t c = 0;
@@ -355,14 +439,23 @@ void AttendStaged(Unit& u, int64_t j0, int64_t nk, int64_t dh, const T* const* k
 // vector meets one row group, so staging it as f32 would only add a store and
 // a load) when the head dim is whole vectors and a KV head has at most two
 // row groups; else staged.
-template <class T, class KV>
-void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv) {
+//
+// Direct blocks request the next block into L2 while they are used. For the
+// last block, next_rows(k, v, nk) may give the rows of the first block of the
+// range this thread takes on next (another unit: it returns their count,
+// padded to nk like BlockRows, or 0), so that a thread streams on from unit to
+// unit instead of waiting on DRAM for each unit's first block; that unit then
+// passes first_requested. Returns whether next_rows gave rows.
+template <class T, class KV, class NextRows>
+bool AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& kv,
+                 bool first_requested, const NextRows& next_rows) {
   const bool direct = size_t(dh) == u.dp && u.rows_per_head <= 2 * kRowGroup;
   const int64_t block = direct ? kDirectKeyBlock : KeyBlock(size_t(u.heads) * u.dp);
   // The first block is requested at once.
-  PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, u.heads, kv);
+  if (!first_requested) PrefetchRows<T>(j_begin, std::min(j_end, j_begin + block), dh, u.heads, kv);
   const T* rows[2][2][kKeyBlock];  // [block parity][k, v][key]
   BlockRows(j_begin, std::min(block, j_end - j_begin), block, kv, rows[0][0], rows[0][1]);
+  bool handed_on = false;
   for (int64_t j0 = j_begin, b = 0; j0 < j_end; j0 += block, b ^= 1) {
     const int64_t nk = std::min(block, j_end - j0);
     const int64_t n_next = std::min(block, j_end - (j0 + block));
@@ -373,11 +466,16 @@ void AttendRange(Unit& u, int64_t j_begin, int64_t j_end, int64_t dh, const KV& 
       AttendStaged<T>(u, j0, nk, dh, rows[b][0], rows[b][1]);
       continue;
     }
-    if (n_next > 0) BlockRows(j0 + block, n_next, nk, kv, rows[b ^ 1][0], rows[b ^ 1][1]);
-    const bool more = n_next > 0;
+    bool more = n_next > 0;
+    if (more) {
+      BlockRows(j0 + block, n_next, nk, kv, rows[b ^ 1][0], rows[b ^ 1][1]);
+    } else {
+      more = handed_on = next_rows(rows[b ^ 1][0], rows[b ^ 1][1], nk) > 0;
+    }
     AttendRowGroups(u, j0, nk, KeyRows<T>{rows[b][0], rows[b][1], size_t(dh),
                                           more ? rows[b ^ 1][0] : nullptr, more ? rows[b ^ 1][1] : nullptr});
   }
+  return handed_on;
 }
 
 // out = o / l (0 for a row that saw no key), lse = m + log l (-inf then).
@@ -426,10 +524,13 @@ void FlashAttention(const tk_flash_attention_params& p, ThreadPool& pool) {
           u.visible[r] = p.causal ? std::clamp<int64_t>(i + lk - lq + 1, 0, lk) : lk;
           keys = std::max(keys, u.visible[r]);
         }
-      AttendRange<T>(u, 0, keys, dh, [&](int64_t j, const T*& kr, const T*& vr) {
-        kr = HeadPtr<T>(p.k, k0 + j, p.k_token_stride, kvh, p.k_head_stride);
-        vr = HeadPtr<T>(p.v, k0 + j, p.v_token_stride, kvh, p.v_head_stride);
-      });
+      AttendRange<T>(
+          u, 0, keys, dh,
+          [&](int64_t j, const T*& kr, const T*& vr) {
+            kr = HeadPtr<T>(p.k, k0 + j, p.k_token_stride, kvh, p.k_head_stride);
+            vr = HeadPtr<T>(p.v, k0 + j, p.v_token_stride, kvh, p.v_head_stride);
+          },
+          false, [](const T**, const T**, int64_t) { return int64_t(0); });
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < group; ++g) {
           const int64_t r = (i - i0) * group + g, h = kvh * group + g;
@@ -512,31 +613,63 @@ void PagedAttention(const tk_paged_attention_params& p, ThreadPool& pool) {
                   p.lse ? &p.lse[h * p.total_q + w.q0 + i] : nullptr);
       });
     };
-    pool.parallel_for(units, [&](int64_t unit, int) {
-      const Where w = locate(unit);
-      const int64_t j_begin = split ? w.chunk * chunk : 0;
-      const int64_t j_end = split ? std::min(w.len, j_begin + chunk) : w.len;
-      Unit u = MakeUnit((w.i1 - w.i0) * p.num_q_heads, dh, hkv);
-      for_rows(w, [&](int64_t r, int64_t i, int64_t h) {
-        StageQuery(u, r, HeadPtr<T>(p.q, w.q0 + i, p.q_token_stride, h, p.q_head_stride), dh, p.scale);
-        u.visible[r] = w.len - w.lq + i + 1;
-      });
+    // Keys [begin, end) of a unit, and its key -> cache rows map.
+    auto key_range = [&](const Where& w, int64_t& begin, int64_t& end) {
+      begin = split ? w.chunk * chunk : 0;
+      end = std::min(split ? std::min(w.len, begin + chunk) : w.len, w.len - w.lq + w.i1);
+    };
+    const T* kc = static_cast<const T*>(c.k);
+    const T* vc = static_cast<const T*>(c.v);
+    auto rows_of = [&](const Where& w) {
       const int32_t* blocks = c.block_table + w.s * c.max_blocks_per_seq;
-      const T* kc = static_cast<const T*>(c.k);
-      const T* vc = static_cast<const T*>(c.v);
-      AttendRange<T>(u, j_begin, std::min(j_end, w.len - w.lq + w.i1), dh,
-                     [&](int64_t j, const T*& kr, const T*& vr) {
-                       const int64_t slot = (int64_t(blocks[j >> page_shift]) << page_shift) + (j & page_mask);
-                       const int64_t off = slot * hkv * dh;
-                       kr = kc + off;
-                       vr = vc + off;
-                     });
-      if (!split) return finish(u, w);
-      for (int64_t r = 0; r < u.rows; ++r) {
-        float* dst = partial + (size_t(unit) * unit_rows + size_t(r)) * row_floats;
-        dst[0] = u.m[r];
-        dst[1] = u.l[r];
-        std::copy(u.o + size_t(r) * dp, u.o + size_t(r + 1) * dp, dst + 2);
+      return [=](int64_t j, const T*& kr, const T*& vr) {
+        const int64_t slot = (int64_t(blocks[j >> page_shift]) << page_shift) + (j & page_mask);
+        const int64_t off = slot * hkv * dh;
+        kr = kc + off;
+        vr = vc + off;
+      };
+    };
+    // Each thread claims units one by one, the next one while it starts the
+    // last block of the current one, whose first block it then requests
+    // ahead (AttendRange): a unit of B1 decode is only 512 keys, and waiting
+    // on DRAM for each unit's first block cost about 15 us per unit.
+    std::atomic<int64_t> claimed{0};
+    pool.parallel_for(pool.size(), [&](int64_t, int) {
+      bool first_requested = false;
+      for (int64_t unit = claimed.fetch_add(1, std::memory_order_relaxed); unit < units;) {
+        const Where w = locate(unit);
+        int64_t j_begin, j_end;
+        key_range(w, j_begin, j_end);
+        Unit u = MakeUnit((w.i1 - w.i0) * p.num_q_heads, dh, hkv);
+        for_rows(w, [&](int64_t r, int64_t i, int64_t h) {
+          StageQuery(u, r, HeadPtr<T>(p.q, w.q0 + i, p.q_token_stride, h, p.q_head_stride), dh, p.scale);
+          u.visible[r] = w.len - w.lq + i + 1;
+        });
+        int64_t next = -1;
+        first_requested = AttendRange<T>(u, j_begin, j_end, dh, rows_of(w), first_requested,
+                                         [&](const T** k, const T** v, int64_t nk) -> int64_t {
+                                           next = claimed.fetch_add(1, std::memory_order_relaxed);
+                                           if (next >= units) return 0;
+                                           const Where wn = locate(next);
+                                           int64_t b, e;
+                                           key_range(wn, b, e);
+                                           const int64_t n = std::min(nk, e - b);
+                                           if (n <= 0) return 0;
+                                           BlockRows(b, n, nk, rows_of(wn), k, v);
+                                           return n;
+                                         });
+        if (next < 0) next = claimed.fetch_add(1, std::memory_order_relaxed);
+        if (!split) {
+          finish(u, w);
+        } else {
+          for (int64_t r = 0; r < u.rows; ++r) {
+            float* dst = partial + (size_t(unit) * unit_rows + size_t(r)) * row_floats;
+            dst[0] = u.m[r];
+            dst[1] = u.l[r];
+            std::copy(u.o + size_t(r) * dp, u.o + size_t(r + 1) * dp, dst + 2);
+          }
+        }
+        unit = next;
       }
     });
     if (!split) return;

@@ -265,13 +265,10 @@ HWY_INLINE VF ExpFast(DF d, VF x) {
 // floored at -80 so that den and its reciprocal stay normal floats: silu(-inf)
 // is -1e-33, not NaN. NaN g propagates (VMAXPS returns its second operand when
 // one is NaN).
+// 2^f for f in [0, 1): Chebyshev-node fits, relative error 1.2e-7 (degree
+// 5) and 3.5e-6 (degree 4, kLowp).
 template <bool kLowp = false>
-HWY_INLINE VF Silu(DF d, VF g) {
-  const VF gc{_mm512_max_ps(hn::Set(d, -80.0f).raw, g.raw)};
-  const VF y = hn::Mul(gc, hn::Set(d, -1.44269504088896341f));
-  const VF f{_mm512_reduce_ps(y.raw, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)};
-  // 2^f on [0, 1): Chebyshev-node fits, relative error 1.2e-7 (degree 5) and
-  // 3.5e-6 (degree 4).
+HWY_INLINE VF Pow2Unit(DF d, VF f) {
   VF p;
   if constexpr (kLowp) {
     p = hn::Set(d, 1.36703094e-2f);
@@ -287,12 +284,34 @@ HWY_INLINE VF Silu(DF d, VF g) {
     p = hn::MulAdd(p, f, hn::Set(d, 0.69315451f));
     p = hn::MulAdd(p, f, hn::Set(d, 0.99999988f));
   }
-  const VF den = hn::Add(hn::Set(d, 1.0f), VF{_mm512_scalef_ps(p.raw, y.raw)});
+  return p;
+}
+
+// 2^y = 2^(y - floor y) * 2^floor(y): VREDUCEPS gives the fraction (0 for
+// y = +-inf), VSCALEFPS the power, saturating to 0 / inf.
+template <bool kLowp = false>
+HWY_INLINE VF Pow2(DF d, VF y) {
+  const VF f{_mm512_reduce_ps(y.raw, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)};
+  return VF{_mm512_scalef_ps(Pow2Unit<kLowp>(d, f).raw, y.raw)};
+}
+
+template <bool kLowp = false>
+HWY_INLINE VF Silu(DF d, VF g) {
+  const VF gc{_mm512_max_ps(hn::Set(d, -80.0f).raw, g.raw)};
+  const VF y = hn::Mul(gc, hn::Set(d, -1.44269504088896341f));
+  const VF den = hn::Add(hn::Set(d, 1.0f), Pow2<kLowp>(d, y));
   const VF r = hn::ApproximateReciprocal(den);
   if constexpr (kLowp) return hn::Mul(gc, r);
   return hn::Mul(hn::Mul(gc, r), hn::NegMulAdd(den, r, hn::Set(d, 2.0f)));
 }
+
+// e^x for x <= 0 (e^-inf = 0, NaN stays NaN): the softmax weights of
+// attention, in 8 instructions. Other targets: ExpFast, where e^x below -87
+// is 1e-37 instead of a denormal.
+HWY_INLINE VF ExpNonPositive(DF d, VF x) { return Pow2(d, hn::Mul(x, hn::Set(d, 1.44269504088896341f))); }
 #else
+HWY_INLINE VF ExpNonPositive(DF d, VF x) { return ExpFast(d, hn::Max(x, hn::Set(d, -87.0f))); }
+
 // e^-g clamped to [e^-87, e^88] (very negative g gives -0 to within 1e-36).
 template <bool kLowp = false>
 HWY_INLINE VF Silu(DF d, VF g) {
