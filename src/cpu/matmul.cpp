@@ -127,10 +127,33 @@ HWY_INLINE void DenseBlock(const TW* const* HWY_RESTRICT w, const float* HWY_RES
     for (int r = 0; r < kRows; ++r) out[t][r] = ReduceSum(d, acc[t][r]);
 }
 
+// W[n] . x for one token. A single token goes a row at a time, so each thread
+// reads one sequential stream instead of four interleaved ones (f16
+// [1x4096]->14336 on one Zen 4 core, cold: ~6.0 -> ~5.2 ms); four chains of
+// FMAs keep up with that easily.
+template <class TW>
+HWY_INLINE float DenseRow(const TW* HWY_RESTRICT w, const float* HWY_RESTRICT x, size_t K) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF acc[4] = {hn::Zero(d), hn::Zero(d), hn::Zero(d), hn::Zero(d)};
+  size_t k = 0;
+  for (; k + 4 * N <= K; k += 4 * N) {
+    PrefetchL2(reinterpret_cast<const char*>(w + k) + kPrefetchBytes);
+    for (int u = 0; u < 4; ++u) acc[u] = hn::MulAdd(LoadF32(d, w + k + u * N), hn::LoadU(d, x + k + u * N), acc[u]);
+  }
+  for (; k + N <= K; k += N) acc[0] = hn::MulAdd(LoadF32(d, w + k), hn::LoadU(d, x + k), acc[0]);
+  if (k < K) acc[1] = hn::MulAdd(LoadF32Partial(d, w + k, K - k), hn::LoadU(d, x + k), acc[1]);
+  return ReduceSum(d, hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])));
+}
+
 // tile[t * ld + (n - n0)] = W[n] . x[t] for n in [n0, n1), every staged token.
 template <class TW>
 void DenseRows(const TW* w, int64_t w_stride, int64_t K, int64_t n0, int64_t n1, const Staged& a,
                float* tile, size_t ld) {
+  if (a.T == 1) {
+    for (int64_t n = n0; n < n1; ++n) tile[size_t(n - n0)] = DenseRow(w + n * w_stride, a.x, size_t(K));
+    return;
+  }
   float out[kTokens][kRows];
   for (int64_t c0 = 0; c0 < a.T; c0 += kTokenChunk)
   for (int64_t n = n0; n < n1; n += kRows) {
