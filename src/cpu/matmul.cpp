@@ -321,26 +321,43 @@ Int4Staged StageInt4Vnni(const Staged& a, int64_t K, int64_t group, ScratchSlot 
     const float* x = a.x + size_t(t) * a.stride;
     int8_t* dt = digits + t * levels * 2 * half_pad;
     for (int64_t g = 0; g < groups; ++g) {
-      float amax = 0.0f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) amax = std::max(amax, std::fabs(x[k]));
+      // max |x| of the group, NaN if any element is.
+      __m512 amax_v = _mm512_setzero_ps();
+      __mmask16 nan = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+        amax_v = _mm512_max_ps(amax_v, _mm512_abs_ps(xv));
+      }
+      const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax_v);
       // A NaN or Inf in the group poisons its scale, so it reaches the output
       // as NaN instead of vanishing in the integer digits.
       const bool finite = std::isfinite(amax) && !std::isnan(amax);
       const float s1 = finite ? amax / 127.0f : 0.0f;
       float step[3] = {s1, s1 / 254.0f, s1 / (254.0f * 254.0f)};
-      double total = 0.0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-        float r = finite ? x[k] : 0.0f;
-        int64_t combined = 0;
+      // 16 elements at a time (a group is 32 or more): the digits of each
+      // level, then their bytes split into even and odd k. The combined
+      // digits of a group sum exactly in i32 (at most 128 * 8.2e6).
+      __m512i total_v = _mm512_setzero_si512();
+      const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        __m512 r = finite ? _mm512_loadu_ps(x + k) : _mm512_setzero_ps();
+        __m512i combined = _mm512_setzero_si512();
         for (int l = 0; l < levels; ++l) {
-          const float q = s1 > 0.0f ? std::nearbyint(r / step[l]) : 0.0f;
-          const int d = int(std::clamp(q, -127.0f, 127.0f));
-          r -= float(d) * step[l];
-          combined = combined * 254 + d;
-          dt[(l * 2 + (k & 1)) * half_pad + k / 2] = int8_t(d);
+          const __m512 sv = _mm512_set1_ps(step[l]);
+          const __m512 q = s1 > 0.0f ? _mm512_roundscale_ps(_mm512_div_ps(r, sv), _MM_FROUND_TO_NEAREST_INT)
+                                     : _mm512_setzero_ps();
+          const __m512 qc = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+          r = _mm512_fnmadd_ps(qc, sv, r);
+          const __m512i d = _mm512_cvtps_epi32(qc);
+          combined = _mm512_add_epi32(_mm512_mullo_epi32(combined, _mm512_set1_epi32(254)), d);
+          const __m128i bytes = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(d), split);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(dt + (l * 2) * half_pad + k / 2), bytes);
+          _mm_storeh_pi(reinterpret_cast<__m64*>(dt + (l * 2 + 1) * half_pad + k / 2), _mm_castsi128_ps(bytes));
         }
-        total += double(combined);
+        total_v = _mm512_add_epi32(total_v, combined);
       }
+      const double total = double(_mm512_reduce_add_epi32(total_v));
       const float unit = finite ? step[levels - 1] : std::numeric_limits<float>::quiet_NaN();
       unit_of_group[g] = unit;
       gsum[t * groups + g] = float(total * double(unit));
