@@ -1,9 +1,11 @@
 // qmatmul_int4 on CUDA: y[T, N] = x[T, K] . dequant(W)[N, K]^T with the packed
 // int4 layout of tiny_kernel.h, dequantised in registers.
-//   Group size 128 with f16/bf16 activations (the common case): tensor cores
-//   (qmma.cuh), 16 rows x 8 tokens per mma, for every T. T <= 8 (decode):
-//   the persistent streaming kernel (qstream_kernel, qstream.cuh) where its shared memory
-//   fits and the scales are 16-byte aligned, else the short-block kernel.
+//   T > 8 with f16/bf16 activations, any group size: the GEMM-shaped kernel
+//   of qgemm_int4.cu (128 rows x 64 tokens per block, K through a cp.async ring).
+//   T <= 8, group size 128, f16/bf16 (decode): the persistent streaming kernel
+//   (qstream_kernel, qstream.cuh) where its shared memory fits and the scales
+//   are 16-byte aligned, else the short-block tensor-core kernel below (qmma.cuh,
+//   16 rows x 8 tokens per mma; its kTT = 4 shape is no longer launched).
 //   Otherwise (f32 activations, groups of 32/64, unaligned): the CUDA-core
 //   loop of matvec.cuh, each lane streaming 16-byte chunks of four rows.
 #include "cuda/attention/primitives.cuh"
@@ -201,11 +203,6 @@ tk_status launch_decode(const tk_qmatmul_int4_params& p, const Launch& l) {
   return launch_qmma<Ta, 1>(p, l);
 }
 
-template <class Ta>
-tk_status launch_qmma_t(const tk_qmatmul_int4_params& p, const Launch& l) {
-  return launch_decode<Ta>(p, l);  // T > 8: qgemm_int4
-}
-
 }  // namespace
 
 tk_status qgemm_int4(const tk_qmatmul_int4_params& p, const Launch& l);  // qgemm_int4.cu: T > 8, any group
@@ -216,10 +213,10 @@ tk_status qmatmul_int4(const tk_qmatmul_int4_params& p, const Launch& l) {
   const bool aligned = aligned16(p.w.packed) && rows_aligned16(p.x, p.x_stride, xsz, p.T);
   if (!aligned) return launch_tiles<1, false>(p, l);
   if (p.T > 8 && p.dtype != TK_F32) return qgemm_int4(p, l);
-  // Tensor cores: 16-bit activations, one scale per 128 k (a K step of the
-  // mma loop never straddles a group). x rows are 16-byte aligned (above).
-  if (p.w.group_size == 128 && p.dtype == TK_F16) return launch_qmma_t<__half>(p, l);
-  if (p.w.group_size == 128 && p.dtype == TK_BF16) return launch_qmma_t<__nv_bfloat16>(p, l);
+  // T <= 8 on tensor cores: 16-bit activations, one scale per 128 k (a K step
+  // of the mma loop never straddles a group). x rows are 16-byte aligned (above).
+  if (p.w.group_size == 128 && p.dtype == TK_F16) return launch_decode<__half>(p, l);
+  if (p.w.group_size == 128 && p.dtype == TK_BF16) return launch_decode<__nv_bfloat16>(p, l);
   if (p.T == 1) return launch_tiles<1, true>(p, l);
   if (p.T <= 4) return launch_tiles<4, true>(p, l);
   return launch_tiles<8, true>(p, l);
