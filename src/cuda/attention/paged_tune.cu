@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../paged_attention.cu"
+#include "../tune/timing.cuh"
 
 namespace tk::cuda {
 tk_status paged_attention_v1(const tk_paged_attention_params& p, const Launch& l);
@@ -40,14 +41,6 @@ namespace paged_tune {
       std::exit(1);                                                                  \
     }                                                                                \
   } while (0)
-
-__global__ void read_flush(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x)
-    acc ^= p[i].x;
-  if (acc == 0x12345678u) *sink = acc;
-}
 
 __global__ void empty_kernel() {}
 
@@ -173,14 +166,8 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, dev));
   sms = prop.multiProcessorCount;
   std::printf("%s, %d SMs\n", prop.name, sms);
-  const size_t fb = size_t(256) << 20;
-  void* flush;
-  unsigned* sink;
   unsigned* flag;
-  CK(cudaMalloc(&flush, fb));
-  CK(cudaMalloc(&sink, 4));
   CK(cudaMalloc(&flag, 4));
-  CK(cudaMemset(flush, 0, fb));
   CK(cudaMemset(flag, 0, 4));
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
@@ -191,28 +178,15 @@ int main() {
   l.sm_major = prop.major;
   l.sm_minor = prop.minor;
   l.portable = false;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
+  const tk::tune::Timer timer(sms, st);
   auto time = [&](const char* name, double bytes, auto&& fn) {
     fn();
     CK(cudaStreamSynchronize(st));
-    std::vector<float> v;
-    for (int r = 0; r < 101; ++r) {
-      read_flush<<<sms * 8, 256, 0, st>>>(static_cast<const uint4*>(flush), fb / 16, sink);
-      cudaEventRecord(a, st);
-      fn();
-      cudaEventRecord(b, st);
-      CK(cudaEventSynchronize(b));
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      v.push_back(ms * 1000);
-    }
+    const tk::tune::Times t = timer.time(fn, 101);
     CK(cudaGetLastError());
-    std::sort(v.begin(), v.end());
-    const double med = v[v.size() / 2];
+    const double med = t.median();
     std::printf("  %-34s median %7.2f us  min %7.2f  p90 %7.2f  %7.0f GB/s of KV\n", name, med,
-                v[0], v[v.size() * 9 / 10], bytes / med / 1e3);
+                t.min(), t.p90(), bytes / med / 1e3);
   };
   auto compare = [&](Problem& pr) {
     const size_t n = size_t(pr.B * kHq * kD);
@@ -259,8 +233,7 @@ int main() {
       if (sp > 1) time(name, pr.kv_bytes, [&] { run_v2(p2, l, PagedTuning{sp, true}); });
     }
     time("floor: read the KV bytes once", pr.kv_bytes, [&] {
-      read_flush<<<sms * 8, 256, 0, st>>>(reinterpret_cast<const uint4*>(pr.kv),
-                                          size_t(pr.kv_bytes) / 16, sink);
+      timer.read(pr.kv, size_t(pr.kv_bytes));
     });
     time("floor: empty kernel", pr.kv_bytes, [&] { empty_kernel<<<1, 32, 0, st>>>(); });
     cudaFree(pr.kv);

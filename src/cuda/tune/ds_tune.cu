@@ -11,18 +11,12 @@
 #include <vector>
 
 #include "../matmul.cu"
+#include "timing.cuh"
 
 using namespace tk::cuda;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
 int ffn_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
 int ffn4_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
-
-__global__ void read_flush(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    acc ^= p[i].x;
-  if (acc == 0x12345678u) *sink = acc;
-}
 
 static float h2f(uint16_t h) {
   const uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
@@ -83,12 +77,6 @@ int main() {
   cudaMemcpy(u, hu.data(), hu.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(nw, hn.data(), hn.size() * 2, cudaMemcpyHostToDevice);
-  const size_t fb = size_t(256) << 20;
-  void* flush;
-  unsigned* sink;
-  cudaMalloc(&flush, fb);
-  cudaMalloc(&sink, 4);
-  cudaMemset(flush, 1, fb);
   Launch l{};
   l.stream = 0;
   l.num_sms = sms;
@@ -96,22 +84,9 @@ int main() {
   cublasLtCreate(&l.blas);
   l.blas_workspace_bytes = size_t(32) << 20;
   cudaMalloc(&l.blas_workspace, l.blas_workspace_bytes);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
+  const tk::tune::Timer timer(sms);
   auto time = [&](const char* name, int64_t T, double bytes, auto&& fn) {
-    std::vector<float> v;
-    for (int r = 0; r < 60; ++r) {
-      read_flush<<<sms * 8, 256>>>(static_cast<const uint4*>(flush), fb / 16, sink);
-      cudaEventRecord(a);
-      fn();
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      v.push_back(ms * 1000);
-    }
-    std::sort(v.begin(), v.end());
+    const std::vector<float> v = timer.time(fn, 60).us;
     std::printf("%-50s T=%lld  median %6.2f us  %5.0f GB/s  (min %.2f, max %.2f)\n", name, (long long)T,
                 v[v.size() / 2], bytes / v[v.size() / 2] / 1e3, v[0], v.back());
   };
@@ -230,7 +205,7 @@ int main() {
     }
   }
   time("read kernel over W bytes", 0, mm_bytes, [&] {
-    read_flush<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(w), size_t(N) * K * 2 / 16, sink);
+    timer.read(w, size_t(N) * K * 2);
   });
   std::printf("tune rc=%d (%s)\n", int(cudaDeviceSynchronize()), cudaGetErrorString(cudaGetLastError()));
   return 0;

@@ -7,16 +7,10 @@
 #include <vector>
 #include <algorithm>
 #include "../matmul.cu"
+#include "timing.cuh"
 
 using namespace tk::cuda;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
-
-__global__ void read_flush(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    acc ^= p[i].x;
-  if (acc == 0x12345678u) *sink = acc;
-}
 
 int main() {
   int sms = 0;
@@ -28,33 +22,13 @@ int main() {
   cudaMalloc(&y, Tmax * N * 2);
   cudaMemset(w, 0x11, N * K * 2);
   cudaMemset(x, 0x22, Tmax * K * 2);
-  const size_t fb = size_t(256) << 20;
-  void* flush;
-  unsigned* sink;
-  cudaMalloc(&flush, fb);
-  cudaMalloc(&sink, 4);
-  cudaMemset(flush, 0, fb);
   Launch l{};
   l.stream = 0;
   l.num_sms = sms;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
+  const tk::tune::Timer timer(sms);
   auto time = [&](const char* name, int64_t T, auto&& fn) {
     for (int mode = 0; mode < 2; ++mode) {
-      std::vector<float> v;
-      for (int r = 0; r < 40; ++r) {
-        if (mode == 0) cudaMemsetAsync(flush, r, fb);
-        else read_flush<<<sms * 8, 256>>>(static_cast<const uint4*>(flush), fb / 16, sink);
-        cudaEventRecord(a);
-        fn();
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        float ms;
-        cudaEventElapsedTime(&ms, a, b);
-        v.push_back(ms * 1000);
-      }
-      std::sort(v.begin(), v.end());
+      const std::vector<float> v = timer.time(fn, 40, mode == 0).us;
       const double bytes = double(N) * K * 2;
       std::printf("%-34s T=%lld %-11s median %7.1f us  %6.0f GB/s  (min %.1f)\n", name, (long long)T,
                   mode == 0 ? "memsetflush" : "readflush", v[v.size() / 2], bytes / v[v.size() / 2] / 1e3, v[0]);
@@ -70,7 +44,7 @@ int main() {
     time("mma kTT1", T, [&] { launch_mma<__half, 1>(p, l); });
   }
   // the read roof of this harness: one pass over W's bytes
-  time("read kernel over W bytes", 0, [&] { read_flush<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(w), size_t(N) * K * 2 / 16, sink); });
+  time("read kernel over W bytes", 0, [&] { timer.read(w, size_t(N) * K * 2); });
   std::printf("tune rc=%d (%s)\n", int(cudaDeviceSynchronize()), cudaGetErrorString(cudaGetLastError()));
   return 0;
 }

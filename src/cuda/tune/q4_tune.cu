@@ -12,16 +12,10 @@
 #include <vector>
 
 #include "../qmatmul_int4.cu"
+#include "timing.cuh"
 
 using namespace tk::cuda;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
-
-__global__ void read_flush(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    acc ^= p[i].x;
-  if (acc == 0x12345678u) *sink = acc;
-}
 
 static float h2f(uint16_t h) {
   const uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
@@ -49,33 +43,14 @@ int main() {
   cudaMemcpy(q, hq.data(), hq.size(), cudaMemcpyHostToDevice);
   cudaMemcpy(s, hs.data(), hs.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice);
-  const size_t fb = size_t(256) << 20;
-  void* flush;
-  unsigned* sink;
-  cudaMalloc(&flush, fb);
-  cudaMalloc(&sink, 4);
-  cudaMemset(flush, 1, fb);
   Launch l{};
   l.stream = 0;
   l.num_sms = sms;
   cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
+  const tk::tune::Timer timer(sms);
   const double wbytes = double(N) * K / 2 + double(N) * G * 2;
   auto time = [&](const char* name, int64_t T, auto&& fn) {
-    std::vector<float> v;
-    for (int r = 0; r < 40; ++r) {
-      read_flush<<<sms * 8, 256>>>(static_cast<const uint4*>(flush), fb / 16, sink);
-      cudaEventRecord(a);
-      fn();
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      v.push_back(ms * 1000);
-    }
-    std::sort(v.begin(), v.end());
+    const std::vector<float> v = timer.time(fn, 40).us;
     std::printf("%-36s T=%lld  median %6.2f us  %5.0f GB/s  (min %.2f, max %.2f)\n", name, (long long)T,
                 v[v.size() / 2], wbytes / v[v.size() / 2] / 1e3, v[0], v.back());
   };
@@ -146,10 +121,10 @@ int main() {
     }
   }
   time("read kernel over the int4 bytes", 0, [&] {
-    read_flush<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(q), size_t(N) * K / 2 / 16, sink);
+    timer.read(q, size_t(N) * K / 2);
   });
   time("read kernel, 4 blocks/SM", 0, [&] {
-    read_flush<<<sms * 4, 512>>>(reinterpret_cast<const uint4*>(q), size_t(N) * K / 2 / 16, sink);
+    timer.read(q, size_t(N) * K / 2, 4, 512);
   });
   std::printf("tune rc=%d (%s)\n", int(cudaDeviceSynchronize()), cudaGetErrorString(cudaGetLastError()));
   return 0;
