@@ -62,38 +62,28 @@ tk_status launch_tiles(const tk_qmatmul_int4_params& p, const Launch& l) {
 }
 
 // ---- tensor-core path ----------------------------------------------------
-// A warp owns 16 weight rows and kTT tiles of 8 tokens; the ksplit warps of a
-// row tile split the K groups and add up through shared memory. A round
-// issues kSteps groups' weight loads (2 x 16 bytes each per lane) before the
-// first is used.
-//   kTT = 1 (T <= 8 where qstream_kernel below does not fit): 8 warps of 4
-//   steps, <= 128 registers, 2 blocks per SM (21.0 us at T = 1 on the H100,
-//   against 16.8 for qstream_kernel). For K = 4096 (32 groups) each warp's share is one round, so a
+// T <= 8 where qstream_kernel does not fit. A warp owns 16 weight rows and
+// the one tile of 8 tokens; the ksplit warps of a row tile split the K groups
+// and add up through shared memory. A round issues kSteps groups' weight
+// loads (2 x 16 bytes each per lane) before the first is used.
+//   8 warps of 4 steps, <= 128 registers, 2 blocks per SM (21.0 us at T = 1
+//   on the H100, against 16.8 for qstream_kernel). For K = 4096 (32 groups) each warp's share is one round, so a
 //   block lives for one HBM round trip plus the dequantisation of 4 groups,
 //   and the grid (896 blocks for N = 14336) is 3.4 waves of such short
 //   blocks, 16 warps x 4 KB in flight per SM (Little's law asks about a
 //   third of that of HBM). The previous shape (4 warps of 2 steps, 6 blocks
 //   per SM) made each warp wait out 4 round trips back to back, and its 896
 //   blocks were 1.1 waves on 132 SMs: 22.6 us on the H100 (f16).
-//   kTT = 4: 4 warps of 2 steps, 3 blocks per SM (<= 168 registers).
-template <int kTT>
-struct QmmaShape {
-  static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3;
-};
-template <>
-struct QmmaShape<1> {
-  static constexpr int kWarps = 8, kSteps = 4, kMinBlocks = 2;
-};
+constexpr int kQmmaWarps = 8, kQmmaSteps = 4;
 
-template <class Ta, int kTT>
-__global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::kMinBlocks)
-    qmma_kernel(tk_qmatmul_int4_params p, unsigned t_tiles, int ksplit_log2) {
-  constexpr int kWarps = QmmaShape<kTT>::kWarps, kSteps = QmmaShape<kTT>::kSteps;
+template <class Ta>
+__global__ void __launch_bounds__(kQmmaWarps * 32, 2)
+    qmma_kernel(tk_qmatmul_int4_params p, int ksplit_log2) {
+  constexpr int kTT = 1;  // token tiles per warp (qmma_group's shape)
+  constexpr int kWarps = kQmmaWarps, kSteps = kQmmaSteps;
   __shared__ float red[kWarps][kTT * 4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  // kTT = 1 is launched for T <= 8: one token tile.
-  const unsigned tile = kTT == 1 ? 0u : blockIdx.x % t_tiles;
-  const unsigned row_block = kTT == 1 ? blockIdx.x : blockIdx.x / t_tiles;
+  const unsigned row_block = blockIdx.x;
   const int ksplit = 1 << ksplit_log2, kpart = warp & (ksplit - 1);
   const int64_t n0 = (int64_t(row_block) * (kWarps >> ksplit_log2) + (warp >> ksplit_log2)) * 16;
   const int64_t N = p.w.N, K = p.w.K;
@@ -106,8 +96,8 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
   const uint8_t* za = p.w.zeros ? p.w.zeros + ra * ngroups : nullptr;
   const uint8_t* zb = p.w.zeros ? p.w.zeros + rb * ngroups : nullptr;
   const bool bf16s = p.w.scale_dtype == TK_BF16;
-  const int64_t t0 = int64_t(tile) * kTT * 8;
-  const char* xr[kTT];  // token t0 + 8 tt + g (rows past T repeat the last; results dropped)
+  const int64_t t0 = 0;
+  const char* xr[kTT];  // token g (rows past T repeat the last; results dropped)
 #pragma unroll
   for (int tt = 0; tt < kTT; ++tt)
     xr[tt] = static_cast<const char*>(p.x) +
@@ -154,7 +144,7 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
         acc[tt][3] = fmaf(fb, c[tt][3], acc[tt][3]);
       }
     };
-    if (kTT == 1 && s0 + (kSteps - 1) * ksplit < ngroups) {  // kTT > 1: registers for one group at a time
+    if (s0 + (kSteps - 1) * ksplit < ngroups) {
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) group(u);
     } else {
@@ -175,20 +165,19 @@ __global__ void __launch_bounds__(QmmaShape<kTT>::kWarps * 32, QmmaShape<kTT>::k
     }
 }
 
-template <class Ta, int kTT>
+template <class Ta>
 tk_status launch_qmma(const tk_qmatmul_int4_params& p, const Launch& l) {
-  constexpr int kWarps = QmmaShape<kTT>::kWarps, kSteps = QmmaShape<kTT>::kSteps;
-  const int64_t t_tiles = (p.T + kTT * 8 - 1) / (kTT * 8);
+  constexpr int kWarps = kQmmaWarps, kSteps = kQmmaSteps;
   const int64_t ngroups = p.w.K / 128;
   int ksplit = 1, ksplit_log2 = 0;  // each warp keeps at least kSteps groups
   while (ksplit < kWarps && ngroups >= int64_t(2) * kSteps * ksplit) ksplit *= 2, ++ksplit_log2;
   const int64_t tiles_per_block = kWarps / ksplit;
   const int64_t row_tiles = (p.w.N + 15) / 16;
-  const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block * t_tiles;
+  const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block;
   if (blocks >= (int64_t(1) << 31))
     return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: T = %lld x N = %lld is too large for one launch",
                 (long long)p.T, (long long)p.w.N);
-  qmma_kernel<Ta, kTT><<<unsigned(blocks), kWarps * 32, 0, l.stream>>>(p, unsigned(t_tiles), ksplit_log2);
+  qmma_kernel<Ta><<<unsigned(blocks), kWarps * 32, 0, l.stream>>>(p, ksplit_log2);
   return check_launch("qmatmul_int4");
 }
 
@@ -200,7 +189,7 @@ tk_status launch_decode(const tk_qmatmul_int4_params& p, const Launch& l) {
   size_t smem_bytes;
   if (qs_plan<kQsSteps, kQsWarps>(p, l, kQsStages, pl, grid, smem_bytes))
     return launch_qstream<Ta, kQsSteps, kQsWarps>(p, l, pl, grid, smem_bytes);
-  return launch_qmma<Ta, 1>(p, l);
+  return launch_qmma<Ta>(p, l);
 }
 
 }  // namespace

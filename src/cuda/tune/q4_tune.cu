@@ -66,7 +66,7 @@ int main() {
     tk_qmatmul_int4_params p1 = p;
     p1.y = y1;
     // Check: streaming vs short blocks, and one row against a host dot product.
-    launch_qmma<__half, 1>(p, l);
+    launch_qmma<__half>(p, l);
     QsPlan pl;
     unsigned grid;
     size_t smem;
@@ -95,7 +95,7 @@ int main() {
     }
     std::printf("T=%lld plan: grid %u smem %zu stages %d ksplit %d | max |stream - short| %.3g of max |y| %.3g; |host - stream| %.3g\n",
                 (long long)T, grid, smem, pl.stages, 1 << pl.ksplit_log2, md, mx, hd);
-    time("short blocks (launch_qmma kTT 1)", T, [&] { launch_qmma<__half, 1>(p, l); });
+    time("short blocks (launch_qmma)", T, [&] { launch_qmma<__half>(p, l); });
     const auto sweep = [&](auto steps, auto warps) {
       constexpr int kS = decltype(steps)::value, kW = decltype(warps)::value;
       for (int st : {2, 3})
