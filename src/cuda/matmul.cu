@@ -140,14 +140,9 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   }
   ksplit_sum(acc, red, ksplit, kpart);
   if (kpart != 0) return;
-  // c0, c1: row g, tokens 2t4, 2t4 + 1; c2, c3: row g + 8.
 #pragma unroll
   for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + g + (i >= 2 ? 8 : 0), tok = t0 + tt * 8 + 2 * t4 + (i & 1);
-      if (row < p.N && tok < p.T) static_cast<T*>(p.y)[tok * p.y_stride + row] = from_f32<T>(acc[tt][i]);
-    }
+    store_mma_tile(acc[tt], static_cast<T*>(p.y), p.y_stride, n0, t0 + tt * 8, p.N, p.T);
 }
 
 template <class T, int kTT>

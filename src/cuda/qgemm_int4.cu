@@ -318,17 +318,12 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     if (++slot == stages) slot = 0;
   }
 
-  // c0, c1: row g, tokens 2 t4, 2 t4 + 1; c2, c3: row g + 8.
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t row = n0 + m0 + 16 * mt + g + (i >= 2 ? 8 : 0);
-        const int64_t tok = t0 + tb + 8 * nt + 2 * t4 + (i & 1);
-        if (row < N && tok < T) static_cast<Ta*>(p.y)[tok * p.y_stride + row] = from_f32<Ta>(acc[mt][nt][i]);
-      }
+      store_mma_tile(acc[mt][nt], static_cast<Ta*>(p.y), p.y_stride, n0 + m0 + 16 * mt,
+                     t0 + tb + 8 * nt, N, T);
 }
 
 template <class Ta, int kNT, int kQpg>

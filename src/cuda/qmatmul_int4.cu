@@ -155,14 +155,9 @@ __global__ void __launch_bounds__(kQmmaWarps * 32, 2)
   }
   ksplit_sum(acc, red, ksplit, kpart);
   if (kpart != 0) return;
-  // c0, c1: row g, tokens 2t4, 2t4 + 1; c2, c3: row g + 8.
 #pragma unroll
   for (int tt = 0; tt < kTT; ++tt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + g + (i >= 2 ? 8 : 0), tok = t0 + tt * 8 + 2 * t4 + (i & 1);
-      if (row < N && tok < p.T) static_cast<Ta*>(p.y)[tok * p.y_stride + row] = from_f32<Ta>(acc[tt][i]);
-    }
+    store_mma_tile(acc[tt], static_cast<Ta*>(p.y), p.y_stride, n0, t0 + tt * 8, N, p.T);
 }
 
 template <class Ta>

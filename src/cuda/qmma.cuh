@@ -201,4 +201,20 @@ __device__ __forceinline__ void ksplit_sum(float (&v)[kA][kB], float (*red)[kA *
         for (int b = 0; b < kB; ++b) v[a][b] += red[warp + j][a * kB + b][lane];
 }
 
+// Stores one m16n8 accumulator tile of y[tokens, N] (y[tok * y_stride + row]):
+// c[0], c[1] are row row0 + g, tokens tok0 + 2 t4 and + 1; c[2], c[3] row
+// row0 + g + 8 (g = lane / 4, t4 = lane % 4). Rows past N and tokens past
+// `tokens` are dropped.
+template <class T>
+__device__ __forceinline__ void store_mma_tile(const float (&c)[4], T* y, int64_t y_stride,
+                                               int64_t row0, int64_t tok0, int64_t N,
+                                               int64_t tokens) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + g + (i >= 2 ? 8 : 0), tok = tok0 + 2 * t4 + (i & 1);
+    if (row < N && tok < tokens) y[tok * y_stride + row] = from_f32<T>(c[i]);
+  }
+}
+
 }  // namespace tk::cuda

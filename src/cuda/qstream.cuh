@@ -214,14 +214,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   float* red = reinterpret_cast<float*>(smem + pl.red_off);
   const uint16_t* ssc = reinterpret_cast<const uint16_t*>(smem + pl.sc_off);
   const uint8_t* szz = smem + pl.z_off;
-  // Results of local tile lt to y: c0, c1 row g, tokens 2t4, 2t4 + 1; c2, c3 row g + 8.
+  // Results of local tile lt to y.
   const auto store = [&](int lt, const float (&v)[4]) {
-    const int64_t n0 = row0 + int64_t(lt) * rmul;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + g + (i >= 2 ? 8 : 0), t = 2 * t4 + (i & 1);
-      if (row < N && t < p.T) static_cast<Ta*>(p.y)[t * p.y_stride + row] = from_f32<Ta>(v[i]);
-    }
+    store_mma_tile(v, static_cast<Ta*>(p.y), p.y_stride, row0 + int64_t(lt) * rmul, 0, N, p.T);
   };
 
   float acc[4] = {};
