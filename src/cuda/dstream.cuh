@@ -30,9 +30,9 @@
 //   kFfn = true (fused_ffn): a tile = 8 output columns f0 .. f0 + 7: A rows
 //   0..7 are Wg rows f0.., rows 8..15 the Wu rows of the same columns, so a
 //   lane's sums c0, c1 (gate) and c2, c3 (up) are one column's. B is x times
-//   its 1/rms and the norm weight, rounded to the activation dtype (staged
-//   once: the normalised row an unfused chain would store); each block
-//   computes the tokens' 1/rms from the staged x in f32.
+//   the norm weight, staged once as two planes of the activation dtype (hi +
+//   lo: not rounded, see the prologue); each block computes the tokens' 1/rms
+//   from the staged x in f32 and applies it to the sums (constant along K).
 // Everything here is sm_80 PTX (cp.async, mma.sync): the portable path too.
 #pragma once
 
@@ -103,11 +103,8 @@ __device__ __forceinline__ uint32_t ds_xchunk(uint32_t c, uint32_t tok) { return
 // kInt4 (fused_ffn only): the weights are int4 rows of group 128 (the
 // qmatmul_int4 layout), dequantised as qstream_kernel does (qmma_group): a
 // slice of 128 bytes per row is two groups; x is staged as pre-permuted B
-// fragments (qmma_b_frags, swizzled by qs_xchunk) in two planes, the high and
-// low 16-bit parts of x * norm weight (two mmas per A fragment, so the
-// activations are not rounded: the accuracy of the f32 CUDA-core kernel, which
-// the int4 tests hold it to; rounding them to the dtype measured up to 1.4x
-// those tolerances on an H100); the block's scales and
+// fragments (qmma_b_frags, swizzled by qs_xchunk), both planes (hi, lo:
+// qmma_group's two token tiles); the block's scales and
 // zero codes are staged once, in the first cp.async group, as tables
 // [local tile][16 rows][groups] (rows 0..7 gate, 8..15 up).
 template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
@@ -213,15 +210,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   }
   float* red = reinterpret_cast<float*>(smem + pl.red_off);  // [2][kWarps][4][32]
   float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn)
-  const uint32_t xlo = uint32_t(pl.x_rows) * xpitch;  // int4: the plane of the low parts of B
+  const uint32_t xlo = uint32_t(pl.x_rows) * xpitch;  // fused_ffn: the plane of the low parts of B
   if constexpr (kFfn) {
     // The tokens' 1/rms from the staged x (this thread's chunks: its first
-    // group has landed), in f32; then this thread's chunks -> B in place:
-    //   dense: x * (1/rms) * norm weight rounded to T, the normalised row the
-    //   unfused chain stores (its error is the chain's, which bounds the tests);
-    //   int4: x * norm weight split into hi + lo, both of T (exact for bf16,
-    //   to ~2^-22 for f16), as B fragments: the mma products carry no rounding
-    //   of the activations, as the f32 CUDA-core path; 1/rms in the epilogue.
+    // group has landed), in f32, for the epilogue; then this thread's chunks
+    // -> x * norm weight split into hi + lo, both of T (exact for bf16, to
+    // ~2^-22 for f16), in two planes (int4: as B fragments). Two mmas per A
+    // fragment then carry no rounding of the normalised activations: the
+    // accuracy of the f32 CUDA-core kernels these replace, which the tests
+    // hold fused_ffn to (one rounded plane measured up to 1.4x their
+    // tolerances on an H100, and simulates up to 40x for D 64 F 1 in bf16).
     cp_async_wait_upto(stages - 2);
     float* ss_s = reinterpret_cast<float*>(smem + pl.ss_off);  // [kWarps][8]
     const T* nw = static_cast<const T*>(p.norm_weight);
@@ -235,37 +233,32 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       }
       ss = warp_sum(ss);
       if (lane == 0) ss_s[warp * 8 + tok] = ss;
+      for (int c = tid; c < xc; c += kThreads) {
+        const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
+        if (c >= kchunks) {  // dense padding: zeros in both planes (the copy zero-filled hi)
+          attn::st_shared16(a + xlo, make_uint4(0, 0, 0, 0));
+          continue;
+        }
+        float xf[8], nf[8], hf[8];
+        unpack<T>(ld_shared16(a), xf);
+        unpack<T>(ld16(nw + int64_t(c) * 8), nf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xf[e] *= nf[e];
+        const uint4 hi = pack<T>(xf);
+        unpack<T>(hi, hf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) hf[e] = xf[e] - hf[e];
+        const uint4 lo = pack<T>(hf);
+        attn::st_shared16(a, kInt4 ? qmma_b_frags(hi) : hi);
+        attn::st_shared16(a + xlo, kInt4 ? qmma_b_frags(lo) : lo);
+      }
     }
     __syncthreads();
     if (tid < pl.x_rows) {
       float ss = 0.0f;
       for (int w = 0; w < kWarps; ++w) ss += ss_s[w * 8 + tid];
-      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);
+      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);  // read after the first tile's barrier
     }
-    __syncthreads();
-    for (int tok = 0; tok < pl.x_rows; ++tok) {
-      const float inv = kInt4 ? 1.0f : inv_s[tok];
-      for (int c = tid; c < kchunks; c += kThreads) {  // chunks past K stay zero
-        const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
-        float xf[8], nf[8];
-        unpack<T>(ld_shared16(a), xf);
-        unpack<T>(ld16(nw + int64_t(c) * 8), nf);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xf[e] = kInt4 ? xf[e] * nf[e] : xf[e] * inv * nf[e];
-        const uint4 hi = pack<T>(xf);
-        if constexpr (kInt4) {
-          float hf[8];
-          unpack<T>(hi, hf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) hf[e] = xf[e] - hf[e];
-          attn::st_shared16(a, qmma_b_frags(hi));
-          attn::st_shared16(a + xlo, qmma_b_frags(pack<T>(hf)));
-        } else {
-          attn::st_shared16(a, hi);
-        }
-      }
-    }
-    __syncthreads();
   } else {
     cp_async_wait_upto(stages - 2);
     __syncthreads();
@@ -323,11 +316,17 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
         const uint32_t c = uint32_t(4 * q + t4);
         const uint4 ra = ld_shared16(src + wa_off + (c ^ wsw) * 16);
         const uint4 rb = ld_shared16(src + wb_off + (c ^ wsw) * 16);
-        const uint4 xv = ld_shared16(xlane + ((uint32_t(slice * kChunks) + c) ^ xsw) * 16);
+        const uint32_t xa = xlane + ((uint32_t(slice * kChunks) + c) ^ xsw) * 16;
+        const uint4 xv = ld_shared16(xa);
         const uint32_t a0[4] = {ra.x, rb.x, ra.y, rb.y};
         const uint32_t a1[4] = {ra.z, rb.z, ra.w, rb.w};
         Q::mma(acc, a0, xv.x, xv.y);
         Q::mma(acc, a1, xv.z, xv.w);
+        if constexpr (kFfn) {  // the low parts of B
+          const uint4 xl = ld_shared16(xa + xlo);
+          Q::mma(acc, a0, xl.x, xl.y);
+          Q::mma(acc, a1, xl.z, xl.w);
+        }
       }
     }
     if (r == rounds - 1) {  // the warp's share of tile lt is done: uniform over the block
@@ -346,10 +345,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
           }
           const int64_t f = tile * 8 + lg, t = 2 * lt4 + j;
           if (f < N && t < p.T) {
-            if constexpr (kInt4) {
-              const float inv = inv_s[t];
-              gate *= inv, up *= inv;
-            }
+            const float inv = inv_s[t];
+            gate *= inv, up *= inv;
             static_cast<T*>(p.y)[t * p.y_stride + f] = from_f32<T>(gate / (1.0f + expf(-gate)) * up);
           }
         }
@@ -385,7 +382,7 @@ bool ds_plan(int64_t T, int64_t K, int64_t N, bool ffn, const Launch& l, int max
   const int64_t tiles = ffn ? (N + 7) / 8 : (N + 15) / 16;
   const int64_t blocks = std::min<int64_t>(tiles, l.num_sms);
   const int64_t nt = (tiles + blocks - 1) / blocks;  // tiles of the first block, the most
-  const int64_t x_bytes = T * (int4 ? 2 * (K / 8) : slices * kChunks) * 16;  // int4: hi and lo planes
+  const int64_t x_bytes = (ffn ? 2 : 1) * T * (int4 ? K / 8 : slices * kChunks) * 16;  // ffn: hi and lo planes
   const int64_t red_bytes = int64_t(2) * kWarps * 4 * 32 * 4, ss_bytes = int64_t(kWarps) * 8 * 4;
   const int64_t sc_bytes = int4 ? nt * 16 * (K / 128) * 2 : 0, z_bytes = int4 && zeros ? nt * 16 * (K / 128) : 0;
   const int64_t fixed = x_bytes + red_bytes + ss_bytes + 32 + sc_bytes + z_bytes;
