@@ -29,10 +29,9 @@
 //   kFfn = false: y[t, n] = x[t] . W[n] (matmul), a tile = rows n0 .. n0 + 15.
 //   kFfn = true (fused_ffn): a tile = 8 output columns f0 .. f0 + 7: A rows
 //   0..7 are Wg rows f0.., rows 8..15 the Wu rows of the same columns, so a
-//   lane's sums c0, c1 (gate) and c2, c3 (up) are one column's. B is x times
-//   the norm weight, staged once as two planes of the activation dtype (hi +
-//   lo: not rounded, see the prologue); each block computes the tokens' 1/rms
-//   from the staged x in f32 and applies it to the sums (constant along K).
+//   lane's sums c0, c1 (gate) and c2, c3 (up) are one column's. B is the
+//   normalised row, x * (1/rms) * norm weight, staged once by each block as
+//   two planes of the activation dtype (hi + lo, see the prologue).
 // Everything here is sm_80 PTX (cp.async, mma.sync): the portable path too.
 #pragma once
 
@@ -209,17 +208,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     attn::cp_async_commit();
   }
   float* red = reinterpret_cast<float*>(smem + pl.red_off);  // [2][kWarps][4][32]
-  float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn)
+  float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn): 1 / rms of the tokens
   const uint32_t xlo = uint32_t(pl.x_rows) * xpitch;  // fused_ffn: the plane of the low parts of B
   if constexpr (kFfn) {
     // The tokens' 1/rms from the staged x (this thread's chunks: its first
-    // group has landed), in f32, for the epilogue; then this thread's chunks
-    // -> x * norm weight split into hi + lo, both of T (exact for bf16, to
-    // ~2^-22 for f16), in two planes (int4: as B fragments). Two mmas per A
-    // fragment then carry no rounding of the normalised activations: the
-    // accuracy of the f32 CUDA-core kernels these replace, which the tests
-    // hold fused_ffn to (one rounded plane measured up to 1.4x their
-    // tolerances on an H100, and simulates up to 40x for D 64 F 1 in bf16).
+    // group has landed), in f32; then this thread's chunks -> x * (1/rms) *
+    // norm weight (f32) split into hi + lo, both of T, in two planes (int4:
+    // as B fragments). Two mmas per A fragment then carry the normalised
+    // activations to ~2^-16 (bf16) / ~2^-22 (f16) instead of one rounding of
+    // the dtype: the accuracy of the f32 CUDA-core kernels these replace,
+    // which the tests hold fused_ffn to (one rounded plane measured up to 1.4x
+    // their tolerances on an H100, and simulates up to 40x for D 64 F 1 in
+    // bf16: tune/NOTES.md). Normalised first, |hi| <= sqrt(D) |norm weight|:
+    // f16 overflows only for norm weights past 65504 / sqrt(D).
     cp_async_wait_upto(stages - 2);
     float* ss_s = reinterpret_cast<float*>(smem + pl.ss_off);  // [kWarps][8]
     const T* nw = static_cast<const T*>(p.norm_weight);
@@ -233,6 +234,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       }
       ss = warp_sum(ss);
       if (lane == 0) ss_s[warp * 8 + tok] = ss;
+    }
+    __syncthreads();
+    if (tid < pl.x_rows) {
+      float ss = 0.0f;
+      for (int w = 0; w < kWarps; ++w) ss += ss_s[w * 8 + tid];
+      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);
+    }
+    __syncthreads();
+    for (int tok = 0; tok < pl.x_rows; ++tok) {
+      const float inv = inv_s[tok];
       for (int c = tid; c < xc; c += kThreads) {
         const uint32_t a = xs + uint32_t(tok) * xpitch + xchunk(uint32_t(c), uint32_t(tok)) * 16;
         if (c >= kchunks) {  // dense padding: zeros in both planes (the copy zero-filled hi)
@@ -243,7 +254,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
         unpack<T>(ld_shared16(a), xf);
         unpack<T>(ld16(nw + int64_t(c) * 8), nf);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) xf[e] *= nf[e];
+        for (int e = 0; e < 8; ++e) xf[e] = xf[e] * inv * nf[e];
         const uint4 hi = pack<T>(xf);
         unpack<T>(hi, hf);
 #pragma unroll
@@ -254,11 +265,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       }
     }
     __syncthreads();
-    if (tid < pl.x_rows) {
-      float ss = 0.0f;
-      for (int w = 0; w < kWarps; ++w) ss += ss_s[w * 8 + tid];
-      inv_s[tid] = rsqrtf(ss / float(p.K) + p.eps);  // read after the first tile's barrier
-    }
   } else {
     cp_async_wait_upto(stages - 2);
     __syncthreads();
@@ -345,8 +351,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
           }
           const int64_t f = tile * 8 + lg, t = 2 * lt4 + j;
           if (f < N && t < p.T) {
-            const float inv = inv_s[t];
-            gate *= inv, up *= inv;
             static_cast<T*>(p.y)[t * p.y_stride + f] = from_f32<T>(gate / (1.0f + expf(-gate)) * up);
           }
         }
