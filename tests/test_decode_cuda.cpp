@@ -80,3 +80,33 @@ std::vector<Case> decode_dense_cases() {
 TK_OP_SUITE(DecodeDense, decode_dense_cases);
 
 }  // namespace tk::test
+
+namespace tk::test {
+
+// attn_front with T <= 8 takes the streaming kernel (dstream.cuh, kAttn)
+// where x fits: the bench's heads (Hq 32, Hkv 8, Dh 128, D 4096), rot_dim
+// below head_dim (single-row units), a partial last slice (D 1000) and D
+// below one slice per warp (72), GQA and MHA, both rope styles, tokens 1..8
+// over several sequences, page sizes 1..32, and x too large to stage (T 8 x
+// D 16384: the short-block kernels).
+std::vector<Case> decode_attn_front_cases() {
+  struct Cfg { tk_dtype d; int64_t D, Hq, Hkv, Dh, rot, page; std::vector<int64_t> tokens; };
+  const Cfg cfgs[] = {{TK_F16, 4096, 32, 8, 128, 128, 16, {1}},
+                      {TK_BF16, 1000, 4, 2, 64, 32, 8, {3, 2}},
+                      {TK_F16, 256, 3, 1, 128, 64, 1, {1, 1, 1, 1, 1, 1, 1, 1}},
+                      {TK_BF16, 72, 2, 2, 256, 256, 32, {2}},
+                      {TK_F16, 16384, 2, 1, 64, 64, 16, {4, 4}},
+                      {TK_BF16, 4096, 8, 8, 128, 96, 16, {7}}};
+  std::vector<Case> cases;
+  int i = 0;
+  for (const Cfg& c : cfgs) {
+    AttnFrontShape s{c.d, c.D, c.Hq, c.Hkv, c.Dh, c.rot, c.page, c.tokens,
+                     i % 2 ? TK_ROPE_GPTJ : TK_ROPE_NEOX, i % 3 == 1 ? Layout::Strided : Layout::Contiguous};
+    cases.push_back(make_case<AttnFrontTest>(s));
+    ++i;
+  }
+  return cases;
+}
+TK_OP_SUITE(DecodeAttnFront, decode_attn_front_cases);
+
+}  // namespace tk::test

@@ -7,6 +7,7 @@
 // scatters to the cache after bounds-checking positions, seq_ids and the block
 // table (device memory: out-of-range entries skip their writes and raise the
 // sticky error flag).
+#include "cuda/dstream.cuh"
 #include "cuda/matvec.cuh"
 #include "cuda/ops.h"
 
@@ -153,6 +154,15 @@ tk_status launch(const tk_attn_front_params& p, const Launch& l) {
                    aligned16(p.norm_weight) &&
                    rows_aligned16(p.w_qkv, p.w_qkv_stride, sizeof(T), geo.heads * p.cache.head_dim);
   if (!vec) return launch_tiles<T, 1, 1>(p, l, geo);
+  // T <= 8: the persistent streaming kernel (dstream.cuh) where x fits its
+  // shared memory: a tile is 8 units, A rows 0..7 their first rows and 8..15
+  // their partners, so RoPE runs on one lane's sums, as here.
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.T <= kDsMaxT) {
+      tk_status s = TK_OK;
+      if (try_dstream_attn<T>(p, geo.units_per_head, l, &s)) return s;
+    }
+  }
   if (p.T == 1) return launch_tiles<T, kPack<T>, 1>(p, l, geo);
   if (p.T <= 4) return launch_tiles<T, kPack<T>, 4>(p, l, geo);
   return launch_tiles<T, kPack<T>, 8>(p, l, geo);

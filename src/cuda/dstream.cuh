@@ -65,9 +65,26 @@ struct DsArgs {
   float eps;
   void* y;
   int64_t y_stride;
-  int64_t N;  // rows of W (matmul) or F (ffn)
+  int64_t N;  // rows of W (matmul), F (ffn) or rotation units (attn_front)
   int64_t K;  // multiple of 8
+  // attn_front (kAttn): the op's params, its rotation units (a pair of rows
+  // that RoPE mixes, or one row past rot_dim) and the sticky error flag.
+  tk_attn_front_params af;
+  int64_t units_per_head;
+  unsigned int* error_flag;
 };
+
+// Local rows (within a head) of rotation unit u: b < 0 for a single row (attn_front.cu's layout).
+__host__ __device__ inline void ds_unit_rows(int64_t u, int64_t half, int64_t rot_dim, bool neox, int64_t* a,
+                                             int64_t* b) {
+  if (u < half) {
+    *a = neox ? u : 2 * u;
+    *b = neox ? u + half : 2 * u + 1;
+  } else {
+    *a = rot_dim + (u - half);
+    *b = -1;
+  }
+}
 
 // The arguments of a dense matmul / dense fused_ffn / int4 fused_ffn.
 inline DsArgs ds_args(const void* w0, int64_t w0_stride, const void* w1, int64_t w1_stride, const void* x,
@@ -106,10 +123,11 @@ __device__ __forceinline__ uint32_t ds_xchunk(uint32_t c, uint32_t tok) { return
 // qmma_group's two token tiles); the block's scales and
 // zero codes are staged once, in the first cp.async group, as tables
 // [local tile][16 rows][groups] (rows 0..7 gate, 8..15 up).
-template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
+template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false, bool kAttn = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPlan pl) {
   static_assert(kChunks == 8 || kChunks == 16, "a ring row is 128 or 256 bytes");
   static_assert(!kInt4 || (kFfn && kChunks == 8), "int4: fused_ffn, two groups per slice");
+  static_assert(!kAttn || (kFfn && !kInt4), "attn_front: the fused_ffn tile (8 units x 2 rows), dense");
   using attn::cp_async16;
   using attn::ld_shared16;
   using Q = QmmaType<T>;
@@ -142,7 +160,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
 #pragma unroll
     for (int j = 0; j < kCopies; ++j) {
       const int row = j * kRowsPerCopy + crow;
-      if constexpr (kFfn) {
+      if constexpr (kAttn) {  // rows 0..7: the units' first rows; 8..15: their partners (or again the first)
+        const int64_t unit = std::min<int64_t>(tile * 8 + (row & 7), N - 1);
+        const int64_t h = unit / p.units_per_head, dh = p.af.cache.head_dim;
+        int64_t a, b;
+        ds_unit_rows(unit - h * p.units_per_head, p.af.rot_dim / 2, p.af.rot_dim, p.af.rope_style == TK_ROPE_NEOX,
+                     &a, &b);
+        rowp[j] = w0 + (h * dh + (row < 8 || b < 0 ? a : b)) * rs0;
+      } else if constexpr (kFfn) {
         const int64_t f = std::min<int64_t>(tile * 8 + (row & 7), N - 1);
         rowp[j] = row < 8 ? w0 + f * rs0 : w1 + f * rs1;
       } else {
@@ -269,6 +294,37 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     cp_async_wait_upto(stages - 2);
     __syncthreads();
   }
+  // attn_front: each token's position and cache slot, once per block (warp 0:
+  // positions -> block table is a chain of round trips, kept out of the
+  // tiles' epilogues), in the sums-of-squares area (free after the prologue),
+  // read after the first tile's barrier. Bad indices raise the error flag (as
+  // attn_front.cu: a bad position skips all of the token's writes, a bad
+  // sequence or block its k and v writes).
+  int32_t* tok_pos = reinterpret_cast<int32_t*>(smem + pl.ss_off);        // [8], -1: bad
+  int64_t* tok_slot = reinterpret_cast<int64_t*>(smem + pl.ss_off + 32);  // [8], -1: bad
+  if constexpr (kAttn) {
+    if (tid < pl.x_rows) {
+      const tk_attn_front_params& af = p.af;
+      const tk_paged_kv_cache& c = af.cache;
+      const int32_t pos = af.positions[tid], seq = af.seq_ids[tid];
+      int64_t slot = -1;
+      const bool pos_ok = pos >= 0 && pos < af.max_pos;
+      if (!pos_ok) {
+        raise_index_error(p.error_flag);
+      } else {
+        const int64_t bi = pos / c.page_size;
+        if (seq < 0 || seq >= c.num_seqs || bi >= c.max_blocks_per_seq) {
+          raise_index_error(p.error_flag);
+        } else {
+          const int32_t block = c.block_table[int64_t(seq) * c.max_blocks_per_seq + bi];
+          if (block < 0 || block >= c.num_blocks) raise_index_error(p.error_flag);
+          else slot = int64_t(block) * c.page_size + pos % c.page_size;
+        }
+      }
+      tok_pos[tid] = pos_ok ? pos : -1;
+      tok_slot[tid] = slot;
+    }
+  }
 
   const int tok = std::min(g, pl.x_rows - 1);
   const uint32_t xlane = xs + uint32_t(tok) * xpitch, xsw = uint32_t(tok & 1) << 2;
@@ -342,7 +398,43 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       __syncthreads();  // also: the sums of tile lt - 2 in this buffer were read before
       const int64_t tile = blockIdx.x + int64_t(lt) * gridDim.x;
       const int j = tid >> 5, ln = tid & 31, lg = ln >> 2, lt4 = ln & 3;
-      if constexpr (kFfn) {
+      if constexpr (kAttn) {
+        if (tid < 64) {  // j: token 2 lt4 + j; the unit's first row in c_j, its partner in c_{j + 2}
+          float va = 0.0f, vb = 0.0f;
+          for (int w = 0; w < kWarps; ++w) {
+            va += rb[(w * 4 + j) * 32 + ln];
+            vb += rb[(w * 4 + j + 2) * 32 + ln];
+          }
+          const int64_t unit = tile * 8 + lg, t = 2 * lt4 + j;
+          const int32_t pos = t < p.T ? tok_pos[t] : -1;
+          if (unit < N && pos >= 0) {
+            const tk_attn_front_params& af = p.af;
+            const int64_t dh = af.cache.head_dim, half = af.rot_dim / 2;
+            const int64_t hq = af.num_q_heads, hkv = af.cache.num_kv_heads;
+            const int64_t h = unit / p.units_per_head, u = unit - h * p.units_per_head;
+            int64_t ra, rb2;
+            ds_unit_rows(u, half, af.rot_dim, af.rope_style == TK_ROPE_NEOX, &ra, &rb2);
+            if (h < hq + hkv && u < half) {
+              const float c = af.cos_table[int64_t(pos) * half + u], sn = af.sin_table[int64_t(pos) * half + u];
+              const float x0 = va, x1 = vb;
+              va = x0 * c - x1 * sn;
+              vb = x0 * sn + x1 * c;
+            }
+            T* dst = nullptr;
+            if (h < hq) {
+              dst = static_cast<T*>(af.q_out) + (t * hq + h) * dh;
+            } else if (tok_slot[t] >= 0) {
+              const bool is_k = h < hq + hkv;
+              dst = static_cast<T*>(is_k ? af.cache.k : af.cache.v) +
+                    (tok_slot[t] * hkv + (h - hq - (is_k ? 0 : hkv))) * dh;
+            }
+            if (dst) {
+              dst[ra] = from_f32<T>(va);
+              if (rb2 >= 0) dst[rb2] = from_f32<T>(vb);
+            }
+          }
+        }
+      } else if constexpr (kFfn) {
         if (tid < 64) {  // j: token 2 lt4 + j; gate in c_j, up in c_{j + 2}
           float gate = 0.0f, up = 0.0f;
           for (int w = 0; w < kWarps; ++w) {
@@ -403,16 +495,16 @@ bool ds_plan(int64_t T, int64_t K, int64_t N, bool ffn, const Launch& l, int max
   return true;
 }
 
-template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false>
+template <class T, bool kFfn, int kChunks, int kWarps, bool kInt4 = false, bool kAttn = false>
 tk_status launch_dstream(const DsArgs& a, const Launch& l, const DsPlan& pl, unsigned grid, size_t smem_bytes,
                          const char* op) {
   // Raised once per kernel to the device's opt-in limit, which every plan fits.
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      dstream_kernel<T, kFfn, kChunks, kWarps, kInt4>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
+  static const cudaError_t attr = cudaFuncSetAttribute(dstream_kernel<T, kFfn, kChunks, kWarps, kInt4, kAttn>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "%s: cannot reserve %zu bytes of shared memory: %s", op, smem_bytes,
                 cudaGetErrorString(attr));
-  dstream_kernel<T, kFfn, kChunks, kWarps, kInt4><<<grid, kWarps * 32, smem_bytes, l.stream>>>(a, pl);
+  dstream_kernel<T, kFfn, kChunks, kWarps, kInt4, kAttn><<<grid, kWarps * 32, smem_bytes, l.stream>>>(a, pl);
   return check_launch(op);
 }
 
@@ -432,6 +524,23 @@ bool try_dstream(const DsArgs& a, const Launch& l, tk_status* status, const char
   size_t smem;
   if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem)) return false;
   *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps>(a, l, pl, grid, smem, op);
+  return true;
+}
+
+// attn_front (T <= 8, x and Wqkv of one 16-bit dtype, rows 16-byte aligned):
+// the fused_ffn tile with units for columns. False (nothing launched) where
+// the plan does not fit.
+template <class T>
+bool try_dstream_attn(const tk_attn_front_params& af, int64_t units_per_head, const Launch& l, tk_status* status) {
+  const int64_t units = (af.num_q_heads + 2 * af.cache.num_kv_heads) * units_per_head;
+  DsArgs a = ds_args(af.w_qkv, af.w_qkv_stride, nullptr, 0, af.x, af.x_stride, af.T, af.norm_weight, af.eps,
+                     nullptr, 0, units, af.D);
+  a.af = af, a.units_per_head = units_per_head, a.error_flag = l.error_flag;
+  DsPlan pl;
+  unsigned grid;
+  size_t smem;
+  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, true, l, kDsStages, pl, grid, smem)) return false;
+  *status = launch_dstream<T, true, kDsChunks, kDsWarps, false, true>(a, l, pl, grid, smem, "attn_front");
   return true;
 }
 
