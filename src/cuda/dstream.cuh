@@ -177,6 +177,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   };
 #pragma unroll
   for (int j = 0; j < kCopies; ++j) wdst[j] = ring + ds_wchunk<kChunks>(uint32_t(j * kRowsPerCopy + crow), uint32_t(cchunk));
+  // Loads whose round trips would otherwise sit on the prologue's critical
+  // path, issued before anything waits: the norm weight into L2 (the prologue
+  // reads it after x has landed) and, attn_front, each token's position and
+  // sequence (the start of the positions -> block table chain).
+  if constexpr (kFfn) {
+    for (int64_t c = tid; c < kchunks; c += kThreads)
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(p.norm_weight) + c * 16));
+  }
+  int32_t a_pos = -1, a_seq = -1, a_block = -1;
+  bool a_table = false;  // a_block was loaded from the block table
+  if constexpr (kAttn) {
+    if (tid < p.T) a_pos = p.af.positions[tid], a_seq = p.af.seq_ids[tid];
+  }
   set_rows();
   const auto issue = [&] {
     const int64_t c = int64_t(is_r * kWarps + warp) * kChunks + cchunk;  // this lane's chunk of the row
@@ -231,6 +244,26 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   for (int s = 1; s < stages - 1; ++s) {
     if (issued < items) issue();
     attn::cp_async_commit();
+  }
+  if constexpr (kAttn) {
+    // Bad indices raise the error flag (as attn_front.cu: a bad position skips
+    // all of the token's writes, a bad sequence or block its k and v writes).
+    // The block-table entry is loaded here and first used after the prologue.
+    if (tid < p.T) {
+      const tk_paged_kv_cache& c = p.af.cache;
+      if (a_pos < 0 || a_pos >= p.af.max_pos) {
+        raise_index_error(p.error_flag);
+        a_pos = -1;
+      } else {
+        const int64_t bi = a_pos / c.page_size;
+        if (a_seq < 0 || a_seq >= c.num_seqs || bi >= c.max_blocks_per_seq) {
+          raise_index_error(p.error_flag);
+        } else {
+          a_block = c.block_table[int64_t(a_seq) * c.max_blocks_per_seq + bi];
+          a_table = true;
+        }
+      }
+    }
   }
   float* red = reinterpret_cast<float*>(smem + pl.red_off);  // [2][kWarps][4][32]
   float* inv_s = reinterpret_cast<float*>(smem + pl.inv_off);  // [8] (ffn): 1 / rms of the tokens
@@ -294,36 +327,35 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     cp_async_wait_upto(stages - 2);
     __syncthreads();
   }
-  // attn_front: each token's position and cache slot, once per block (warp 0:
-  // positions -> block table is a chain of round trips, kept out of the
-  // tiles' epilogues), in the sums-of-squares area (free after the prologue),
-  // read after the first tile's barrier. Bad indices raise the error flag (as
-  // attn_front.cu: a bad position skips all of the token's writes, a bad
-  // sequence or block its k and v writes).
+  // attn_front: each token's position and cache slot, once per block, in the
+  // sums-of-squares area (free after the prologue); then each epilogue lane
+  // (tid < 64) loads the cos / sin of its first tile, and every epilogue the
+  // next tile's, so no tile's epilogue waits on a table round trip.
   int32_t* tok_pos = reinterpret_cast<int32_t*>(smem + pl.ss_off);        // [8], -1: bad
   int64_t* tok_slot = reinterpret_cast<int64_t*>(smem + pl.ss_off + 32);  // [8], -1: bad
+  float2 cs{1.0f, 0.0f};  // cos, sin of this lane's unit and token in tile lt (attn_front)
+  const auto rope_cs = [&](int tl) {
+    const int64_t unit = (blockIdx.x + int64_t(tl) * gridDim.x) * 8 + ((tid & 31) >> 2);
+    const int t = 2 * (tid & 3) + (tid >> 5);
+    const int32_t pos = t < p.T ? tok_pos[t] : -1;
+    if (tl >= nt || unit >= N || pos < 0) return float2{1.0f, 0.0f};
+    const int64_t h = unit / p.units_per_head, u = unit - h * p.units_per_head, half = p.af.rot_dim / 2;
+    if (h >= p.af.num_q_heads + p.af.cache.num_kv_heads || u >= half) return float2{1.0f, 0.0f};
+    return float2{p.af.cos_table[int64_t(pos) * half + u], p.af.sin_table[int64_t(pos) * half + u]};
+  };
   if constexpr (kAttn) {
-    if (tid < pl.x_rows) {
-      const tk_attn_front_params& af = p.af;
-      const tk_paged_kv_cache& c = af.cache;
-      const int32_t pos = af.positions[tid], seq = af.seq_ids[tid];
+    if (tid < p.T) {
       int64_t slot = -1;
-      const bool pos_ok = pos >= 0 && pos < af.max_pos;
-      if (!pos_ok) {
-        raise_index_error(p.error_flag);
-      } else {
-        const int64_t bi = pos / c.page_size;
-        if (seq < 0 || seq >= c.num_seqs || bi >= c.max_blocks_per_seq) {
-          raise_index_error(p.error_flag);
-        } else {
-          const int32_t block = c.block_table[int64_t(seq) * c.max_blocks_per_seq + bi];
-          if (block < 0 || block >= c.num_blocks) raise_index_error(p.error_flag);
-          else slot = int64_t(block) * c.page_size + pos % c.page_size;
-        }
+      if (a_table) {
+        const tk_paged_kv_cache& c = p.af.cache;
+        if (a_block < 0 || a_block >= c.num_blocks) raise_index_error(p.error_flag);
+        else slot = int64_t(a_block) * c.page_size + a_pos % c.page_size;
       }
-      tok_pos[tid] = pos_ok ? pos : -1;
+      tok_pos[tid] = a_pos;
       tok_slot[tid] = slot;
     }
+    __syncthreads();
+    if (tid < 64) cs = rope_cs(0);
   }
 
   const int tok = std::min(g, pl.x_rows - 1);
@@ -414,11 +446,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
             const int64_t h = unit / p.units_per_head, u = unit - h * p.units_per_head;
             int64_t ra, rb2;
             ds_unit_rows(u, half, af.rot_dim, af.rope_style == TK_ROPE_NEOX, &ra, &rb2);
-            if (h < hq + hkv && u < half) {
-              const float c = af.cos_table[int64_t(pos) * half + u], sn = af.sin_table[int64_t(pos) * half + u];
+            if (h < hq + hkv && u < half) {  // cs: this unit's cos, sin (rope_cs)
               const float x0 = va, x1 = vb;
-              va = x0 * c - x1 * sn;
-              vb = x0 * sn + x1 * c;
+              va = x0 * cs.x - x1 * cs.y;
+              vb = x0 * cs.y + x1 * cs.x;
             }
             T* dst = nullptr;
             if (h < hq) {
@@ -433,6 +464,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
               if (rb2 >= 0) dst[rb2] = from_f32<T>(vb);
             }
           }
+          cs = rope_cs(lt + 1);  // in flight until the next tile's epilogue
         }
       } else if constexpr (kFfn) {
         if (tid < 64) {  // j: token 2 lt4 + j; gate in c_j, up in c_{j + 2}
