@@ -99,6 +99,13 @@ class Device {
   }
   virtual const char* vendor_name() const { return nullptr; }
 
+  // The floors under a row (GPU): one pass of the bench's own read kernel over
+  // `bytes` at p, or a cudaMemcpy of them, timed as every row is; empty Ops
+  // where the device has none. A kernel that must read (or read and write)
+  // those bytes cannot beat them by much.
+  virtual Op read_pass(const void* /*p*/, size_t /*bytes*/) { return {}; }
+  virtual Op copy_pass(void* /*dst*/, const void* /*src*/, size_t /*bytes*/) { return {}; }
+
   // Times `ops` issued one by one and, where the device has graphs, captured
   // once and replayed. graph->error says why there is no graph figure.
   virtual void time_sequence(const std::vector<Op>& ops, const TimingOptions& opt,

@@ -124,6 +124,7 @@ struct Builder {
     c.traffic = residual ? Traffic::kInPlace : Traffic::kReadWrite;  // the residual sum lands in x
     set_target(c, cuda_target_us, c.bytes > 64e6);
     tk_context* cx = ctx();
+    Device* dev = opt.device;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       tk_rmsnorm_params p{};
@@ -139,6 +140,10 @@ struct Builder {
       p.y_stride = D;
       p.eps = kEps;
       in.op = [cx, p] { return tk_rmsnorm(cx, &p); };
+      if (!residual) {
+        const size_t n = size_t(T * D) * esize(dt);
+        if (Op copy = dev->copy_pass(a.alloc(n), p.x, n)) in.baselines.push_back({"memcpy of x", copy});
+      }
     };
     cases.push_back(std::move(c));
   }
@@ -243,6 +248,8 @@ struct Builder {
       in.op = [cx, p] { return tk_matmul(cx, &p); };
       if (Op v = dev->vendor_matmul(dt, T, N, K, p.x, p.w, a.alloc(size_t(T * N) * esize(dt))))
         in.baselines.push_back({dev->vendor_name(), v});
+      if (T <= 16)
+        if (Op r = dev->read_pass(p.w, size_t(N * K) * esize(dt))) in.baselines.push_back({"read of W", r});
     };
     cases.push_back(std::move(c));
   }
@@ -276,6 +283,7 @@ struct Builder {
     c.flops = 2.0 * double(T) * double(N) * double(K);
     set_target(c, cuda_target_us, T == 1, cpu_anchor_us, "llama.cpp q4_0");
     tk_context* cx = ctx();
+    Device* dev = opt.device;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       tk_qmatmul_int4_params p{};
@@ -301,6 +309,8 @@ struct Builder {
       m.y = a.alloc(size_t(T * N) * esize(dt));
       m.y_stride = N;
       in.baselines.push_back({"f16 matmul", [cx, m] { return tk_matmul(cx, &m); }});
+      if (T <= 16)
+        if (Op r = dev->read_pass(p.w.packed, size_t(N * K / 2))) in.baselines.push_back({"read of packed W", r});
     };
     cases.push_back(std::move(c));
   }
@@ -489,11 +499,13 @@ struct Builder {
       c.target_note = "issue 3: 1.15x weight read";
     }
     tk_context* cx = ctx();
+    Device* dev = opt.device;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       const tk_paged_kv_cache cache = paged_cache(a, dt, 1, 4096, 16);
       const tk_attn_front_params p = attn_front_params(a, dt, cache, 4095);
       in.op = [cx, p] { return tk_attn_front(cx, &p); };
+      if (Op r = dev->read_pass(p.w_qkv, size_t(qkv * kD) * esize(dt))) in.baselines.push_back({"read of Wqkv", r});
 
       // Unfused, and still short of the real chain: no kernel of ours writes
       // k and v into the paged cache on its own.

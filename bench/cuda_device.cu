@@ -346,6 +346,23 @@ class CudaDevice final : public Device {
     return double(best) * 1e-3;
   }
 
+  Op read_pass(const void* p, size_t bytes) override {
+    if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(p) % 16 != 0) return {};
+    unsigned* sink = reinterpret_cast<unsigned*>(static_cast<char*>(flush_) + flush_bytes_);
+    const int blocks = int(std::min<size_t>(size_t(sms_) * 8, (bytes / 16 + 255) / 256));
+    return [this, p, bytes, sink, blocks] {
+      read_kernel<<<blocks, 256, 0, stream_>>>(static_cast<const uint4*>(p), bytes / 16, sink);
+      return cuda_ok(cudaGetLastError(), "read pass") ? TK_OK : TK_ERR_BACKEND;
+    };
+  }
+  Op copy_pass(void* dst, const void* src, size_t bytes) override {
+    return [this, dst, src, bytes] {
+      return cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy pass")
+                 ? TK_OK
+                 : TK_ERR_BACKEND;
+    };
+  }
+
   // Evicts everything from L2 and leaves only clean lines behind.
   void flush_l2() {
     read_kernel<<<sms_ * 8, 256, 0, stream_>>>(
