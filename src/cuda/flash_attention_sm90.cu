@@ -21,6 +21,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "cuda/attention/flash_sm90.h"
 #include "cuda/attention/hopper.cuh"
@@ -45,6 +46,9 @@ struct Sm90Args {
   int heads;     // Hq
   int m_blocks;  // query tiles per (sequence, head)
   int num_tiles; // batch * heads * m_blocks
+  int pairs;        // batch * heads
+  int sched_heads;  // (sequence, head) pairs per group of the tile order (sm90_tile)
+  int q_from_end;   // query tiles end at the sequence's end (1) or start at its start (0)
   float scale_log2;
   int causal;
   unsigned int* error_flag;
@@ -81,38 +85,54 @@ struct Sm90Config {
 
 // One query tile of the persistent schedule and what its rows see.
 struct Sm90Tile {
-  int b, h, m_block;
+  int b, h, level;  // level: 0 = the sequence's heaviest query tile
   int64_t q0, k0;
   int len_q, len_k, m_begin;
   int n_tiles;  // key tiles to visit (0: the rows see no key)
 };
 
 #if TK_SM90A
-// Tile t of the launch: (sequence, head)-major, the heaviest (causal) query
-// block of each head first, as the one-CTA-per-tile grid ordered them; the
-// CTAs in flight then share a few heads' K and V in L2.
+// Tile t of the launch. The (sequence, head) pairs form groups of
+// sched_heads; a group's tiles come level by level (level r: the r-th query
+// tile counted from the heaviest, the same level of every pair of the group
+// side by side), heaviest level first in the last group and in every second
+// group before it, lightest first in the others. So the cost of consecutive
+// tiles changes slowly (the snake of sm90_tile_index then pairs heavy with
+// light), the launch ends on the lightest tiles, and the CTAs in flight
+// share the K and V of a few heads in L2 (sm90_sched_heads picks the size).
+// With q_from_end the query tiles are aligned to the end of the sequence,
+// where causal rows see the most keys: a partial tile (a length not a
+// multiple of kBlockM) is then the lightest, whose rows before the
+// sequence's start are computed and dropped, instead of the heaviest.
 // Returns false when the tile has no rows (a shorter sequence of the batch)
 // or its sequence's offsets are out of range (raising the device flag).
 template <int D>
 __device__ __forceinline__ bool sm90_tile(const Sm90Args& a, int t, bool raise, Sm90Tile& w) {
   using Cfg = Sm90Config<D>;
-  w.m_block = a.m_blocks - 1 - t % a.m_blocks;
-  const int bh = t / a.m_blocks;
+  const int pairs = a.pairs;
+  const int per_group = a.sched_heads * a.m_blocks;
+  const int grp = t / per_group, i = t - grp * per_group;
+  const int in_group = min(a.sched_heads, pairs - grp * a.sched_heads);
+  int r = i / in_group;  // level, 0 = the heaviest query tile
+  const int bh = grp * a.sched_heads + i % in_group;
+  if (a.sched_heads > 1 && (((pairs - 1) / a.sched_heads - grp) & 1)) r = a.m_blocks - 1 - r;
+  w.level = r;
   w.h = bh % a.heads;
   w.b = bh / a.heads;
   const int64_t q0 = a.cu_q[w.b], q1 = a.cu_q[w.b + 1];
   const int64_t k0 = a.cu_k[w.b], k1 = a.cu_k[w.b + 1];
   if (!(0 <= q0 && q0 <= q1 && q1 <= a.total_q && q1 - q0 <= a.max_q && 0 <= k0 && k0 <= k1 &&
         k1 <= a.total_k && k1 - k0 <= a.max_k)) {
-    if (raise && w.m_block == 0 && w.h == 0) raise_index_error(a.error_flag);
+    if (raise && r == 0 && w.h == 0) raise_index_error(a.error_flag);
     return false;
   }
   w.q0 = q0;
   w.k0 = k0;
   w.len_q = int(q1 - q0);
   w.len_k = int(k1 - k0);
-  w.m_begin = w.m_block * Cfg::kBlockM;
-  if (w.m_begin >= w.len_q) return false;
+  if (r * Cfg::kBlockM >= w.len_q) return false;
+  w.m_begin = a.q_from_end ? w.len_q - (r + 1) * Cfg::kBlockM  // may be negative
+                           : ((w.len_q - 1) / Cfg::kBlockM - r) * Cfg::kBlockM;
   // Causal is aligned to the bottom right: row i sees keys j <= i + len_k - len_q.
   const int n_end = a.causal ? max(0, min(w.len_k, w.m_begin + Cfg::kBlockM + w.len_k - w.len_q))
                              : w.len_k;
@@ -456,7 +476,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         o[4 * j + 2 * hr + 1] *= inv;
       }
       const int row = m_begin + row0 + 8 * hr;
-      if (a.lse && t == 0 && row < len_q)
+      if (a.lse && t == 0 && row >= 0 && row < len_q)
         a.lse[int64_t(w.h) * a.total_q + w.q0 + row] =
             l > 0.f ? (row_max[hr] + __log2f(l)) * kLn2 : -INFINITY;
     }
@@ -479,7 +499,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       const int r = 64 * wg + i / kChunks, c = i % kChunks;
       const int row = m_begin + r;
       const uint32_t chunk = uint32_t((c % 8) ^ (r % 8));
-      if (row < len_q)
+      if (row >= 0 && row < len_q)
         st16(out + int64_t(row) * a.o_tok + c * 8,
              ld_shared16(sQ(buf) + uint32_t(c / 8) * kBM * 128 + uint32_t(r) * 128 + (chunk << 4)));
     }
@@ -525,33 +545,113 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Grid: one CTA per SM looping over the tiles (persistent) when there are
-// many rounds of short tiles. That saves each tile the start of a CTA (Q and
-// first K/V load latency, barrier setup) and runs the next tile's loads under
-// this one's epilogue; but the static schedule evens out causal tiles less
-// well than the hardware's dynamic one, which wins once tiles are long and
-// with few rounds (H100, bf16 causal, 2026-11-25: B4 H32 S4096 D 128 527-536
-// -> 552-554 TFLOP/s, D 64 403 -> 418; B1 H32 S16384 D 128 607 -> 600). Long
-// means more than 32 key tiles per query tile on average (causal keys past
-// 8192, full past 4096).
-// TK_FLASH_SM90_GRID (read once) overrides the rule for measurements and
-// tests: "tiles" (one CTA per tile), "persistent" (one per SM) or a CTA count.
-int sm90_grid(int num_tiles, int num_sms, int64_t max_k, bool causal) {
-  static const int forced = [] {  // 0: the rule below, -1: one CTA per tile, n: n CTAs
-    const char* e = std::getenv("TK_FLASH_SM90_GRID");
-    if (!e || !*e) return 0;
-    if (std::strcmp(e, "tiles") == 0) return -1;
-    if (std::strcmp(e, "persistent") == 0) return INT_MAX;
-    return std::max(0, std::atoi(e));
+// Switches for A/B measurements, read once (the defaults are the measured
+// best, see attention/flash_NOTES.md):
+//   TK_FLASH_SM90_GRID  "tiles" (one CTA per tile), "persistent" (one per SM)
+//                       or a CTA count, instead of the rule in sm90_grid;
+//   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
+//                       instead of sm90_sched_heads' choice (1: head by head);
+//   TK_FLASH_SM90_QALIGN "start": query tiles from the sequence's start.
+struct Sm90Switches {
+  int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
+  int group = 0;  // 0: sm90_sched_heads
+  bool q_from_start = false;
+};
+const Sm90Switches& sm90_switches() {
+  static const Sm90Switches sw = [] {
+    Sm90Switches s;
+    if (const char* e = std::getenv("TK_FLASH_SM90_GRID"); e && *e)
+      s.grid = std::strcmp(e, "tiles") == 0        ? -1
+               : std::strcmp(e, "persistent") == 0 ? INT_MAX
+                                                   : std::max(0, std::atoi(e));
+    if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
+    if (const char* e = std::getenv("TK_FLASH_SM90_QALIGN"); e && *e)
+      s.q_from_start = std::strcmp(e, "start") == 0;
+    return s;
   }();
+  return sw;
+}
+
+// Grid: one CTA per SM looping over the tiles (persistent) once there are at
+// least 8 rounds of tiles. That saves each tile the start of a CTA (Q and
+// first K/V load latency, barrier setup) and runs the next tile's loads under
+// this one's epilogue. Its schedule is static, so the tile order
+// (sm90_sched_heads) must even the CTAs out; with it the persistent grid
+// also beats the hardware's dynamic one on long tiles (H100, see
+// attention/flash_NOTES.md). With fewer rounds, one CTA per tile.
+int sm90_grid(int num_tiles, int num_sms) {
+  const int forced = sm90_switches().grid;
   constexpr int kMinRounds = 8;
-  constexpr int64_t kMaxAvgKeyTiles = 32;
   if (forced == -1) return num_tiles;
   if (forced > 0) return std::min(num_tiles, forced == INT_MAX ? std::max(num_sms, 1) : forced);
-  const int64_t avg_key_rows = causal ? max_k / 2 : max_k;
-  const bool persistent = num_sms > 0 && num_tiles >= kMinRounds * num_sms &&
-                          avg_key_rows <= kMaxAvgKeyTiles * 128;
+  const bool persistent = num_sms > 0 && num_tiles >= kMinRounds * num_sms;
   return persistent ? num_sms : num_tiles;
+}
+
+// The group size of the tile order (sm90_tile) for a persistent grid: the
+// one whose static schedule leaves the busiest CTA the least work, found by
+// running the schedule on the host for the call's shape, every sequence
+// taken at the longest length (exact for equal lengths, a guess otherwise).
+// A tile costs its key tiles plus one for its start and epilogue. Groups of
+// up to 32 pairs: more heads in flight would stream more K and V from DRAM
+// than L2 can share between CTAs. Cached for the last shape of each thread.
+// Costs O(tiles) per candidate, and stops at the first within 0.5 % of even.
+int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_t len_k,
+                     bool causal, bool q_from_end, int grid) {
+  const int forced = sm90_switches().group;
+  if (forced > 0) return std::min(forced, pairs);
+  const int num_tiles = pairs * m_blocks;
+  if (grid >= num_tiles) return 1;  // one CTA per tile: the hardware balances
+  struct Key {
+    int pairs, m_blocks, block_m, grid;
+    int64_t len_q, len_k;
+    bool causal, q_from_end;
+    bool operator==(const Key& o) const {
+      return pairs == o.pairs && m_blocks == o.m_blocks && block_m == o.block_m && grid == o.grid &&
+             len_q == o.len_q && len_k == o.len_k && causal == o.causal && q_from_end == o.q_from_end;
+    }
+  };
+  thread_local Key last_key{};
+  thread_local int last = 0;
+  const Key key{pairs, m_blocks, block_m, grid, len_q, len_k, causal, q_from_end};
+  if (last > 0 && key == last_key) return last;
+
+  constexpr int kMaxGroup = 32;
+  constexpr int kBlockN = 128;
+  std::vector<int64_t> cost(size_t(m_blocks), 0);  // by level, 0 = the heaviest
+  int64_t total = 0;
+  for (int r = 0; r < m_blocks; ++r) {
+    const int64_t m_begin = q_from_end ? len_q - int64_t(r + 1) * block_m
+                                       : ((len_q - 1) / block_m - r) * int64_t(block_m);
+    if (int64_t(r) * block_m >= len_q) continue;
+    const int64_t n_end =
+        causal ? std::max<int64_t>(0, std::min(len_k, m_begin + block_m + len_k - len_q)) : len_k;
+    cost[size_t(r)] = 1 + (n_end + kBlockN - 1) / kBlockN;
+    total += cost[size_t(r)] * pairs;
+  }
+  std::vector<int64_t> load(static_cast<size_t>(grid));
+  int best = 1;
+  int64_t best_max = INT64_MAX;
+  for (int g = 1; g <= std::min(pairs, kMaxGroup); ++g) {
+    std::fill(load.begin(), load.end(), 0);
+    const int per_group = g * m_blocks, last_group = (pairs - 1) / g;
+    for (int t = 0; t < num_tiles; ++t) {  // sm90_tile and sm90_tile_index, on the host
+      const int grp = t / per_group, i = t - grp * per_group;
+      int r = i / std::min(g, pairs - grp * g);
+      if (g > 1 && ((last_group - grp) & 1)) r = m_blocks - 1 - r;
+      const int round = t / grid, c = t - round * grid;
+      load[size_t((round & 1) ? grid - 1 - c : c)] += cost[size_t(r)];
+    }
+    const int64_t mx = *std::max_element(load.begin(), load.end());
+    if (mx < best_max) {
+      best_max = mx;
+      best = g;
+    }
+    if (best_max * 1000 <= total * 1005 / grid) break;
+  }
+  last_key = key;
+  last = best;
+  return best;
 }
 
 template <typename T, int D>
@@ -563,8 +663,11 @@ tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   if (attr != cudaSuccess)
     return fail(TK_ERR_BACKEND, "flash_attention: cannot reserve %d bytes of shared memory: %s",
                 Cfg::kSmemBytes, cudaGetErrorString(attr));
-  const int grid = sm90_grid(a.num_tiles, l.num_sms, a.max_k, a.causal != 0);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(a);
+  const int grid = sm90_grid(a.num_tiles, l.num_sms);
+  Sm90Args args = a;
+  args.sched_heads = sm90_sched_heads(a.pairs, a.m_blocks, Cfg::kBlockM, a.max_q,
+                                      a.max_k, a.causal != 0, a.q_from_end != 0, grid);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(args);
   return check_launch("flash_attention");
 }
 
@@ -610,8 +713,10 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.heads = int(p.num_q_heads);
   a.m_blocks = int((p.max_seqlen_q + q_rows - 1) / q_rows);
   a.num_tiles = int(tiles);
+  a.pairs = int(p.batch * p.num_q_heads);
   a.scale_log2 = p.scale * kLog2e;
   a.causal = p.causal != 0;
+  a.q_from_end = !sm90_switches().q_from_start;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
   if (p.head_dim == 64)
