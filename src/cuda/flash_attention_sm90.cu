@@ -6,8 +6,7 @@
 //     S = Q K^T (wgmma, Q and K from shared memory) and O += P V (wgmma, P from
 //     registers, V from shared memory through the descriptor's transpose bit);
 //   - within a warpgroup the softmax of tile j overlaps the P V product of
-//     tile j - 1 (both in flight on the tensor cores), the output of a query
-//     tile is written while the next one's first Q K^T runs, and the warpgroups
+//     tile j - 1 (both in flight on the tensor cores), and the warpgroups
 //     take turns issuing their products (named barriers), so one's softmax
 //     overlaps the other's matrix work;
 //   - setmaxnreg moves registers from the producer to the consumers;
@@ -48,7 +47,6 @@ struct Sm90Args {
   int m_blocks;  // query tiles per (sequence, head)
   int num_tiles; // batch * heads * m_blocks
   int pairs;        // batch * heads
-  int merge_tiles;  // a tile's first Q K^T goes out with the previous tile's last P V
   int sched_heads;  // (sequence, head) pairs per group of the tile order (sm90_tile)
   int q_from_end;   // query tiles end at the sequence's end (1) or start at its start (0)
   float scale_log2;
@@ -264,8 +262,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // V: MN-major (transposed), a k16 step is 16 rows = 2048 B; the second
   // 64-column block is the instruction's leading byte offset.
   int buf = 0;  // this tile's Q buffer
-  auto q_desc = [&](int qb, int kk) {
-    return smem_desc(sQ(qb) + uint32_t(wg) * 64 * 128 + uint32_t(kk / 4) * kBM * 128 +
+  auto q_desc = [&](int kk) {
+    return smem_desc(sQ(buf) + uint32_t(wg) * 64 * 128 + uint32_t(kk / 4) * kBM * 128 +
                          uint32_t(kk % 4) * 32,
                      16, 1024);
   };
@@ -282,10 +280,9 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   float row_max[2], row_sum[2];
   float alpha[2];
 
-  auto issue_qk = [&](int qb, int s) {
+  auto issue_qk = [&](int s) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss_n128<T>(s_acc, q_desc(qb, kk), k_desc(s, kk), kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n128<T>(s_acc, q_desc(kk), k_desc(s, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int s) {
@@ -300,19 +297,17 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // The warpgroups take turns issuing their wgmmas, round robin (named
   // barriers 4 + wg, FlashAttention-3's ping-pong): one's softmax then runs
   // while the others' products occupy the tensor cores. Warpgroup 0 goes
-  // first; each issues n_tiles + 1 batches per tile (n_tiles when the first
-  // went out with the previous tile's last), and the turns run on across
-  // tiles: the last warpgroup hands its last batch of a tile over only when
-  // a later tile has batches, and otherwise starts the next one with a bare
-  // hand-over, so no barrier is left half-arrived. (Barriers 1 .. kWG: each
-  // warpgroup's epilogue; 7: all consumers, once, after a tile's first batch.)
+  // first; each issues n_tiles + 1 batches per tile, and the turns run on
+  // across tiles: the last warpgroup hands its last batch of a tile over only
+  // when a later tile has batches, and otherwise starts the next one with a
+  // bare hand-over, so no barrier is left half-arrived. (Barriers 1 .. kWG:
+  // each warpgroup's epilogue; 7: all consumers, once, after a tile's first batch.)
   auto my_turn = [&] { named_sync(4 + wg, 256); };
   auto your_turn = [&] { named_arrive(4 + (wg + 1) % kWG, 256); };
 
   int fill = 0;        // K/V fills consumed so far (the producer's count)
   int tiles = 0;       // tiles (Q fills) so far
   bool handed = false; // the last warpgroup's last batch handed the turn to warpgroup 0
-  bool merged = false; // this tile's first S = Q K^T went out with the last tile's last P V
   Sm90Tile w, next;
   int round = 0;
   bool have = sm90_next<D>(a, round, false, w);
@@ -320,7 +315,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     // The next tile (read after this one's main loop, off its registers).
     int next_round = round + 1;
     bool have_next = false;
-    bool merge_next = false;  // the next tile's first S = Q K^T goes out with this tile's last P V
     const int len_q = w.len_q, len_k = w.len_k, m_begin = w.m_begin, n_tiles = w.n_tiles;
     const int diag = len_k - len_q;
 
@@ -393,16 +387,13 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       const int f0 = fill;  // this tile's first fill
       auto stage = [&](int i) { return (f0 + i) % kS; };
       auto phase = [&](int i) { return uint32_t((f0 + i) / kS) & 1u; };
-      // Tile 0 (the last key tile): S, softmax, P. Its S = Q K^T went out
-      // with the previous tile's last P V when that tile had one (merged).
-      if (!merged) {
-        if (wg == kWG - 1 && !handed) named_arrive(4, 256);
-        mbar_wait(k_full(stage(0)), phase(0));
-        my_turn();
-        wgmma_fence();
-        issue_qk(buf, stage(0));
-        your_turn();
-      }
+      if (wg == kWG - 1 && !handed) named_arrive(4, 256);
+      // Tile 0 (the last key tile): S, softmax, P.
+      mbar_wait(k_full(stage(0)), phase(0));
+      my_turn();
+      wgmma_fence();
+      issue_qk(stage(0));
+      your_turn();
       wgmma_wait<0>();
       reg_fence(s_acc);
       release(k_empty(stage(0)));
@@ -437,7 +428,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         reg_fence(p);
         my_turn();
         wgmma_fence();
-        issue_qk(buf, s);
+        issue_qk(s);
         issue_pv(ps);
         your_turn();
         wgmma_wait<1>();
@@ -450,29 +441,18 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
         rescale_o();
         pack_p();
       }
-      // The last P V. When the next tile has keys, its first S = Q K^T goes
-      // out in the same turn, behind this P V: the tensor cores compute it
-      // while this warpgroup writes this tile's output.
       const int ls = stage(n_tiles - 1);
-      have_next = sm90_next<D>(a, next_round, false, next);
-      merge_next = have_next && next.n_tiles > 0 && a.merge_tiles;
       mbar_wait(v_full(ls), phase(n_tiles - 1));
-      if (merge_next) {
-        mbar_wait(q_full((tiles + 1) & 1), uint32_t((tiles + 1) >> 1) & 1u);
-        mbar_wait(k_full(stage(n_tiles)), phase(n_tiles));
-      }
       reg_fence(o);
       reg_fence(p);
       my_turn();
       wgmma_fence();
       issue_pv(ls);
-      if (merge_next) issue_qk((tiles + 1) & 1, stage(n_tiles));
+      if (wg != kWG - 1) your_turn();
+      have_next = sm90_next<D>(a, next_round, false, next);  // under this P V
       handed = have_next && next.n_tiles > 0;
-      if (wg != kWG - 1 || handed) your_turn();
-      if (merge_next)
-        wgmma_wait<1>();
-      else
-        wgmma_wait<0>();
+      if (wg == kWG - 1 && handed) your_turn();
+      wgmma_wait<0>();
       reg_fence(o);
       release(v_empty(ls));
       fill += n_tiles;
@@ -529,7 +509,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     w = next;
     round = next_round;
     have = have_next;
-    merged = merge_next;
   }
 #endif  // TK_SM90A
 }
@@ -572,13 +551,11 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 //                       or a CTA count, instead of the rule in sm90_grid;
 //   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
 //                       instead of sm90_sched_heads' choice (1: head by head);
-//   TK_FLASH_SM90_QALIGN "start": query tiles from the sequence's start;
-//   TK_FLASH_SM90_MERGE "0": a tile's first Q K^T waits for its own turn.
+//   TK_FLASH_SM90_QALIGN "start": query tiles from the sequence's start.
 struct Sm90Switches {
   int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
   int group = 0;  // 0: sm90_sched_heads
   bool q_from_start = false;
-  bool no_merge = false;
 };
 const Sm90Switches& sm90_switches() {
   static const Sm90Switches sw = [] {
@@ -590,7 +567,6 @@ const Sm90Switches& sm90_switches() {
     if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
     if (const char* e = std::getenv("TK_FLASH_SM90_QALIGN"); e && *e)
       s.q_from_start = std::strcmp(e, "start") == 0;
-    if (const char* e = std::getenv("TK_FLASH_SM90_MERGE"); e && *e) s.no_merge = std::strcmp(e, "0") == 0;
     return s;
   }();
   return sw;
@@ -741,7 +717,6 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.scale_log2 = p.scale * kLog2e;
   a.causal = p.causal != 0;
   a.q_from_end = !sm90_switches().q_from_start;
-  a.merge_tiles = !sm90_switches().no_merge;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
   if (p.head_dim == 64)

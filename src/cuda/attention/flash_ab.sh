@@ -2,7 +2,7 @@
 # One device call for the sm_90a flash kernel: tools/gpu_check.sh (build, the
 # flash tests normal / portable / memcheck / racecheck, the bench rows with
 # the defaults), the Hopper flash tests once more under a forced schedule
-# group and without the merged Q K^T, then the bench rows again under the A/B switches of
+# group, then the bench rows again under the A/B switches of
 # flash_attention_sm90.cu, each variant twice, interleaved. Prints a table last.
 #   src/cuda/attention/flash_ab.sh [all|bench]
 set -uo pipefail
@@ -16,10 +16,8 @@ cat "$OUT/check.txt" | grep -v "^flash_attention\|^bench rc" | tail -20
 T=build-gpu/tests/tk_tests
 B=build-gpu/bench/tiny-kernel
 if [[ $MODE == all ]]; then
-  for sw in TK_FLASH_SM90_GROUP=7 TK_FLASH_SM90_MERGE=0; do
-    env $sw $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/sw.txt" 2>&1
-    echo "Sm90 tests under $sw: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/sw.txt" | tr '\n' ' ')"
-  done
+  TK_FLASH_SM90_GROUP=7 $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/group7.txt" 2>&1
+  echo "tests under TK_FLASH_SM90_GROUP=7: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/group7.txt" | tr '\n' ' ')"
 fi
 bench() {  # name, filter, env...
   local name=$1 filter=$2; shift 2
@@ -27,14 +25,14 @@ bench() {  # name, filter, env...
 }
 : > "$OUT/ab.txt"
 grep '^flash_attention' "$OUT/check.txt" | sed 's/^/new0 /' >> "$OUT/ab.txt"
-# old: the kernel before this work (head-major order, tiles from the sequence
-# start, no merged Q K^T; one CTA per tile at S16384); nomerge: all but the merge.
-OLD=(TK_FLASH_SM90_GROUP=1 TK_FLASH_SM90_QALIGN=start TK_FLASH_SM90_MERGE=0)
+OLD=(TK_FLASH_SM90_GROUP=1 TK_FLASH_SM90_QALIGN=start)
 for i in 1 2; do
   bench old$i "$ROWS" "${OLD[@]}"
   bench old$i "$LONG" "${OLD[@]}" TK_FLASH_SM90_GRID=tiles
-  bench nomerge$i "$ROWS|$LONG" TK_FLASH_SM90_MERGE=0
   bench new$i "$ROWS|$LONG"
 done
+bench alignonly "flash_attention B4 H32 S4096" TK_FLASH_SM90_GROUP=1
+bench grouponly "flash_attention B4 H32 S4096" TK_FLASH_SM90_QALIGN=start
+bench newtiles "$LONG" TK_FLASH_SM90_GRID=tiles
 echo "== A/B (H100, $(date -u +%F)) =="
-sort -s -k3,3 -k4,4 -k5,5 -k6,6 "$OUT/ab.txt"
+sort -s -k3,3 -k4,4 -k5,5 -k6,6 "$OUT/ab.txt" | awk '{print}'
