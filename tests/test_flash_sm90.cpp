@@ -15,7 +15,9 @@ namespace {
 std::vector<Case> flash_sm90_cases() {
   std::vector<Case> cases;
   auto add = [&](FlashShape f) { cases.push_back(make_case<FlashTest>(f)); };
-  // Many tiles, a partial last one: 9 key tiles through a 2- (D 128) or 3-stage (D 64) ring.
+  // Many tiles, partial ones: 9 key tiles through a 2- (D 128) or 3-stage (D 64) ring, the
+  // last partial; query tiles are aligned to the sequence's end, so the first is partial
+  // and its TMA box starts before row 0.
   add(FlashShape{TK_BF16, 4, 1, 128, {{1030, 1030}}, true, true});
   add(FlashShape{TK_F16, 4, 1, 64, {{1030, 1030}}, true, true});
   // Keys outnumber queries (bottom-right causal diagonal), and the reverse.

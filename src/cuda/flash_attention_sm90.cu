@@ -48,7 +48,6 @@ struct Sm90Args {
   int num_tiles; // batch * heads * m_blocks
   int pairs;        // batch * heads
   int sched_heads;  // (sequence, head) pairs per group of the tile order (sm90_tile)
-  int q_from_end;   // query tiles end at the sequence's end (1) or start at its start (0)
   float scale_log2;
   int causal;
   unsigned int* error_flag;
@@ -100,7 +99,7 @@ struct Sm90Tile {
 // tiles changes slowly (the snake of sm90_tile_index then pairs heavy with
 // light), the launch ends on the lightest tiles, and the CTAs in flight
 // share the K and V of a few heads in L2 (sm90_sched_heads picks the size).
-// With q_from_end the query tiles are aligned to the end of the sequence,
+// The query tiles are aligned to the end of the sequence,
 // where causal rows see the most keys: a partial tile (a length not a
 // multiple of kBlockM) is then the lightest, whose rows before the
 // sequence's start are computed and dropped, instead of the heaviest.
@@ -131,8 +130,7 @@ __device__ __forceinline__ bool sm90_tile(const Sm90Args& a, int t, bool raise, 
   w.len_q = int(q1 - q0);
   w.len_k = int(k1 - k0);
   if (r * Cfg::kBlockM >= w.len_q) return false;
-  w.m_begin = a.q_from_end ? w.len_q - (r + 1) * Cfg::kBlockM  // may be negative
-                           : ((w.len_q - 1) / Cfg::kBlockM - r) * Cfg::kBlockM;
+  w.m_begin = w.len_q - (r + 1) * Cfg::kBlockM;  // may be negative
   // Causal is aligned to the bottom right: row i sees keys j <= i + len_k - len_q.
   const int n_end = a.causal ? max(0, min(w.len_k, w.m_begin + Cfg::kBlockM + w.len_k - w.len_q))
                              : w.len_k;
@@ -550,12 +548,10 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 //   TK_FLASH_SM90_GRID  "tiles" (one CTA per tile), "persistent" (one per SM)
 //                       or a CTA count, instead of the rule in sm90_grid;
 //   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
-//                       instead of sm90_sched_heads' choice (1: head by head);
-//   TK_FLASH_SM90_QALIGN "start": query tiles from the sequence's start.
+//                       instead of sm90_sched_heads' choice (1: head by head).
 struct Sm90Switches {
   int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
   int group = 0;  // 0: sm90_sched_heads
-  bool q_from_start = false;
 };
 const Sm90Switches& sm90_switches() {
   static const Sm90Switches sw = [] {
@@ -565,8 +561,6 @@ const Sm90Switches& sm90_switches() {
                : std::strcmp(e, "persistent") == 0 ? INT_MAX
                                                    : std::max(0, std::atoi(e));
     if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
-    if (const char* e = std::getenv("TK_FLASH_SM90_QALIGN"); e && *e)
-      s.q_from_start = std::strcmp(e, "start") == 0;
     return s;
   }();
   return sw;
@@ -577,8 +571,9 @@ const Sm90Switches& sm90_switches() {
 // first K/V load latency, barrier setup) and runs the next tile's loads under
 // this one's epilogue. Its schedule is static, so the tile order
 // (sm90_sched_heads) must even the CTAs out; with it the persistent grid
-// also beats the hardware's dynamic one on long tiles (H100, see
-// attention/flash_NOTES.md). With fewer rounds, one CTA per tile.
+// measured the same as one CTA per tile on long tiles (B1 H32 S16384, H100,
+// attention/flash_NOTES.md), where it used to lose 1 %. With fewer rounds,
+// one CTA per tile.
 int sm90_grid(int num_tiles, int num_sms) {
   const int forced = sm90_switches().grid;
   constexpr int kMinRounds = 8;
@@ -593,27 +588,30 @@ int sm90_grid(int num_tiles, int num_sms) {
 // running the schedule on the host for the call's shape, every sequence
 // taken at the longest length (exact for equal lengths, a guess otherwise).
 // A tile costs its key tiles plus one for its start and epilogue. Groups of
-// up to 32 pairs: more heads in flight would stream more K and V from DRAM
-// than L2 can share between CTAs. Cached for the last shape of each thread.
-// Costs O(tiles) per candidate, and stops at the first within 0.5 % of even.
+// up to 32 pairs, so that the CTAs in flight share the K and V of few heads
+// in L2 (a bound chosen, not measured). Cached for the last shape of each
+// thread. Costs O(tiles) per candidate: it stops at the first within 0.5 %
+// of even, and tries fewer groups when there are many tiles (some 2M steps
+// at most, ~ms of host time). Without a causal mask every tile of the
+// simulated shape costs the same and the order changes nothing.
 int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_t len_k,
-                     bool causal, bool q_from_end, int grid) {
+                     bool causal, int grid) {
   const int forced = sm90_switches().group;
   if (forced > 0) return std::min(forced, pairs);
   const int num_tiles = pairs * m_blocks;
-  if (grid >= num_tiles) return 1;  // one CTA per tile: the hardware balances
+  if (grid >= num_tiles || !causal) return 1;  // one CTA per tile: the hardware balances
   struct Key {
     int pairs, m_blocks, block_m, grid;
     int64_t len_q, len_k;
-    bool causal, q_from_end;
+    bool causal;
     bool operator==(const Key& o) const {
       return pairs == o.pairs && m_blocks == o.m_blocks && block_m == o.block_m && grid == o.grid &&
-             len_q == o.len_q && len_k == o.len_k && causal == o.causal && q_from_end == o.q_from_end;
+             len_q == o.len_q && len_k == o.len_k && causal == o.causal;
     }
   };
   thread_local Key last_key{};
   thread_local int last = 0;
-  const Key key{pairs, m_blocks, block_m, grid, len_q, len_k, causal, q_from_end};
+  const Key key{pairs, m_blocks, block_m, grid, len_q, len_k, causal};
   if (last > 0 && key == last_key) return last;
 
   constexpr int kMaxGroup = 32;
@@ -621,9 +619,7 @@ int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_
   std::vector<int64_t> cost(size_t(m_blocks), 0);  // by level, 0 = the heaviest
   int64_t total = 0;
   for (int r = 0; r < m_blocks; ++r) {
-    const int64_t m_begin = q_from_end ? len_q - int64_t(r + 1) * block_m
-                                       : ((len_q - 1) / block_m - r) * int64_t(block_m);
-    if (int64_t(r) * block_m >= len_q) continue;
+    const int64_t m_begin = len_q - int64_t(r + 1) * block_m;
     const int64_t n_end =
         causal ? std::max<int64_t>(0, std::min(len_k, m_begin + block_m + len_k - len_q)) : len_k;
     cost[size_t(r)] = 1 + (n_end + kBlockN - 1) / kBlockN;
@@ -632,7 +628,8 @@ int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_
   std::vector<int64_t> load(static_cast<size_t>(grid));
   int best = 1;
   int64_t best_max = INT64_MAX;
-  for (int g = 1; g <= std::min(pairs, kMaxGroup); ++g) {
+  const int max_group = std::min({pairs, kMaxGroup, std::max(1, 2'000'000 / num_tiles)});
+  for (int g = 1; g <= max_group; ++g) {
     std::fill(load.begin(), load.end(), 0);
     const int per_group = g * m_blocks, last_group = (pairs - 1) / g;
     for (int t = 0; t < num_tiles; ++t) {  // sm90_tile and sm90_tile_index, on the host
@@ -666,7 +663,7 @@ tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   const int grid = sm90_grid(a.num_tiles, l.num_sms);
   Sm90Args args = a;
   args.sched_heads = sm90_sched_heads(a.pairs, a.m_blocks, Cfg::kBlockM, a.max_q,
-                                      a.max_k, a.causal != 0, a.q_from_end != 0, grid);
+                                      a.max_k, a.causal != 0, grid);
   kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, l.stream>>>(args);
   return check_launch("flash_attention");
 }
@@ -716,7 +713,6 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.pairs = int(p.batch * p.num_q_heads);
   a.scale_log2 = p.scale * kLog2e;
   a.causal = p.causal != 0;
-  a.q_from_end = !sm90_switches().q_from_start;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
   if (p.head_dim == 64)
