@@ -1,17 +1,19 @@
 // Scratch A/B timing of paged_attention.cu (not built by CMake). Times the
 // bench's three decode shapes (Hq 32, Hkv 8, D 128, page 16, bf16, pages in
 // shuffled order) the way the bench does (read-pass L2 flush, then cudaEvents
-// around the op, median), for the kernel before this change ("v1", commit
-// 2181bbe), the current one at its own split count and at forced ones, the
-// decode kernel without its merge, and two floors: an empty kernel and one
-// read pass over the same KV bytes. v1 outputs are compared with v2's.
+// around the op, median), for the kernel before this change ("v2b", commit
+// dd71f16: merge kernel), the current one at its own choices and at forced
+// ones (splits, cluster merge or merge kernel, ring depth), the decode kernel
+// without its merge, and two floors: an empty kernel and one read pass over
+// the same KV bytes. Every variant's output is compared with v2b's.
 //
-//   git show 2181bbe:src/cuda/paged_attention.cu > /tmp/paged_v1.cu
+//   git show dd71f16:src/cuda/paged_attention.cu > /tmp/paged_v2b.cu
 //   F="-O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Iinclude -Isrc"
-//   nvcc $F -Dpaged_attention=paged_attention_v1 \
-//     -Dpaged_attention_workspace_size=paged_attention_workspace_size_v1 -c /tmp/paged_v1.cu -o /tmp/v1.o
-//   nvcc $F src/cuda/attention/paged_tune.cu /tmp/v1.o -o paged_tune
+//   nvcc $F -Dpaged_attention=paged_attention_v2b \
+//     -Dpaged_attention_workspace_size=paged_attention_workspace_size_v2b -c /tmp/paged_v2b.cu -o /tmp/v2b.o
+//   nvcc $F src/cuda/attention/paged_tune.cu /tmp/v2b.o -o paged_tune
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <numeric>
@@ -22,8 +24,8 @@
 #include "../tune/timing.cuh"
 
 namespace tk::cuda {
-tk_status paged_attention_v1(const tk_paged_attention_params& p, const Launch& l);
-size_t paged_attention_workspace_size_v1(int64_t total_q, int64_t num_q_heads, int64_t head_dim,
+tk_status paged_attention_v2b(const tk_paged_attention_params& p, const Launch& l);
+size_t paged_attention_workspace_size_v2b(int64_t total_q, int64_t num_q_heads, int64_t head_dim,
                                          int64_t max_context_len, int num_sms);
 }  // namespace tk::cuda
 
@@ -177,18 +179,44 @@ int main() {
   l.num_sms = sms;
   l.sm_major = prop.major;
   l.sm_minor = prop.minor;
+  l.smem_optin = int(prop.sharedMemPerBlockOptin);
   l.portable = false;
+  {  // clusters of the B1 shape that fit at once (8 would hold one per (kv head))
+    auto kernel = paged_decode_kernel<__nv_bfloat16, 128>;
+    using C = DecodeConfig<128>;
+    (void)paged_caps<__nv_bfloat16, 128>(l);  // opts in to shared memory and cluster size 16
+    for (int slots : {3, 4, 8})
+      for (int cs : {8, 12, 16}) {
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = dim3(8, cs);
+        cfg.blockDim = dim3(C::kThreads);
+        cfg.dynamicSmemBytes = size_t(C::smem_bytes(slots));
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = 1;
+        at[0].val.clusterDim.y = unsigned(cs);
+        at[0].val.clusterDim.z = 1;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        int n = -1;
+        const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
+        std::printf("  max active clusters: ring %d (%d B), cluster %2d: %d (%s)\n", slots,
+                    C::smem_bytes(slots), cs, n, cudaGetErrorString(e));
+        cudaGetLastError();
+      }
+  }
   const tk::tune::Timer timer(sms, st);
   auto time = [&](const char* name, double bytes, auto&& fn) {
     fn();
     CK(cudaStreamSynchronize(st));
+    CK(cudaGetLastError());
     const tk::tune::Times t = timer.time(fn, 101);
     CK(cudaGetLastError());
     const double med = t.median();
-    std::printf("  %-34s median %7.2f us  min %7.2f  p90 %7.2f  %7.0f GB/s of KV\n", name, med,
+    std::printf("  %-40s median %7.2f us  min %7.2f  p90 %7.2f  %7.0f GB/s of KV\n", name, med,
                 t.min(), t.p90(), bytes / med / 1e3);
   };
-  auto compare = [&](Problem& pr) {
+  auto compare = [&](Problem& pr, const char* what) {
     const size_t n = size_t(pr.B * kHq * kD);
     std::vector<uint16_t> x(n), y(n);
     CK(cudaMemcpy(x.data(), pr.out_ref, n * 2, cudaMemcpyDeviceToHost));
@@ -199,38 +227,66 @@ int main() {
       const uint32_t ux = uint32_t(x[i]) << 16, uy = uint32_t(y[i]) << 16;
       std::memcpy(&fx, &ux, 4);
       std::memcpy(&fy, &uy, 4);
-      md = std::max(md, double(std::fabs(fx - fy)));
+      md = std::max(md, std::isnan(fy) ? INFINITY : double(std::fabs(fx - fy)));
       mx = std::max(mx, double(std::fabs(fx)));
     }
     unsigned f = 0;
     CK(cudaMemcpy(&f, flag, 4, cudaMemcpyDeviceToHost));
-    std::printf("  v1 vs v2: max |diff| %.3g (max |out| %.3g), error flag %u\n", md, mx, f);
+    std::printf("    %-38s vs v2b: max |diff| %.3g (max |out| %.3g), error flag %u\n", what, md,
+                mx, f);
+    CK(cudaMemset(pr.out, 0xFF, n * 2));
   };
 
-  struct Shape { int64_t B, ctx; std::vector<int> splits; };
-  for (const Shape& s : {Shape{1, 4096, {8, 16, 32, 64, 128}}, Shape{32, 4096, {1, 2}},
-                         Shape{64, 8192, {1, 2}}}) {
+  struct Variant {
+    const char* name;
+    PagedTuning t;
+  };
+  struct Shape {
+    int64_t B, ctx;
+    std::vector<Variant> v;
+  };
+  const std::vector<Shape> shapes = {
+      {1, 4096,
+       {{"cluster 16, ring 8 (auto)", {0, false, -1, 0}},
+        {"cluster 16, ring 3", {16, false, 1, 3}},
+        {"cluster 16, ring 4", {16, false, 1, 4}},
+        {"cluster 8, ring auto", {8, false, 1, 0}},
+        {"cluster 12, ring auto", {12, false, 1, 0}},
+        {"merge kernel 32, ring auto (4)", {32, false, 0, 0}},
+        {"merge kernel 32, ring 3", {32, false, 0, 3}},
+        {"merge kernel 16, ring auto (8)", {16, false, 0, 0}},
+        {"merge kernel 16, ring 3", {16, false, 0, 3}},
+        {"decode only 32, ring auto", {32, true, 0, 0}},
+        {"decode only 16, ring auto", {16, true, 0, 0}},
+        {"decode only 16, ring 3", {16, true, 0, 3}}}},
+      {32, 4096,
+       {{"auto (ring 6)", {0, false, -1, 0}},
+        {"ring 3", {0, false, -1, 3}},
+        {"ring 4", {0, false, -1, 4}}}},
+      {64, 8192, {{"auto (ring 3)", {0, false, -1, 0}}}},
+  };
+  for (const Shape& s : shapes) {
     Problem pr = make(s.B, s.ctx, sms);
     CK(cudaDeviceSynchronize());
-    std::printf("B%lld ctx %lld: %.1f MB of KV, v2 workspace %zu B\n", (long long)s.B,
+    std::printf("B%lld ctx %lld: %.1f MB of KV, workspace %zu B\n", (long long)s.B,
                 (long long)s.ctx, pr.kv_bytes / 1e6, pr.p.workspace_bytes);
     tk_paged_attention_params p1 = pr.p;
     p1.out = pr.out_ref;
-    p1.workspace_bytes = paged_attention_workspace_size_v1(s.B, kHq, kD, s.ctx, sms);
+    p1.workspace_bytes = paged_attention_workspace_size_v2b(s.B, kHq, kD, s.ctx, sms);
     tk_paged_attention_params p2 = pr.p;
     p2.workspace_bytes = pr.ws_bytes;
-    time("v1 (2181bbe)", pr.kv_bytes, [&] { paged_attention_v1(p1, l); });
-    time("v2 default", pr.kv_bytes, [&] { paged_attention(pr.p, l); });
-    compare(pr);
+    for (int rep = 0; rep < 2; ++rep) {  // twice: the spread between identical runs
+      time("v2b (dd71f16, merge kernel)", pr.kv_bytes, [&] { paged_attention_v2b(p1, l); });
+      time("new default", pr.kv_bytes, [&] { paged_attention(pr.p, l); });
+      if (rep == 0) compare(pr, "new default");
+    }
     Launch lp = l;
     lp.portable = true;
-    time("v2 default, no PDL (portable)", pr.kv_bytes, [&] { paged_attention(pr.p, lp); });
-    for (int sp : s.splits) {
-      char name[64];
-      std::snprintf(name, sizeof name, "v2 splits %d", sp);
-      time(name, pr.kv_bytes, [&] { run_v2(p2, l, PagedTuning{sp, false}); });
-      std::snprintf(name, sizeof name, "v2 splits %d, decode only", sp);
-      if (sp > 1) time(name, pr.kv_bytes, [&] { run_v2(p2, l, PagedTuning{sp, true}); });
+    time("new default, portable", pr.kv_bytes, [&] { paged_attention(pr.p, lp); });
+    compare(pr, "portable");
+    for (const Variant& v : s.v) {
+      time(v.name, pr.kv_bytes, [&] { run_v2(p2, l, v.t); });
+      if (!v.t.skip_merge) compare(pr, v.name);
     }
     time("floor: read the KV bytes once", pr.kv_bytes, [&] {
       timer.read(pr.kv, size_t(pr.kv_bytes));
