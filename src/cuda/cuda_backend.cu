@@ -40,6 +40,10 @@ class CudaBackend final : public Backend {
         (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess ||
         (e = cudaMalloc(&b->launch_.error_flag, sizeof(unsigned int))) != cudaSuccess ||
         (e = cudaMemset(b->launch_.error_flag, 0, sizeof(unsigned int))) != cudaSuccess ||
+        (e = cudaMalloc(&b->launch_.paged_counters, cuda::kPagedCounters * sizeof(unsigned int))) !=
+            cudaSuccess ||
+        (e = cudaMemset(b->launch_.paged_counters, 0, cuda::kPagedCounters * sizeof(unsigned int))) !=
+            cudaSuccess ||
         (e = cudaMalloc(&b->launch_.blas_workspace, kBlasWorkspaceBytes)) != cudaSuccess) {
       cuda_fail("CUDA backend initialisation", e);
       return nullptr;
@@ -63,6 +67,7 @@ class CudaBackend final : public Backend {
     if (launch_.blas) cublasLtDestroy(launch_.blas);
     if (launch_.blas_workspace) cudaFree(launch_.blas_workspace);
     if (launch_.error_flag) cudaFree(launch_.error_flag);
+    if (launch_.paged_counters) cudaFree(launch_.paged_counters);
   }
 
   tk_backend kind() const override { return TK_BACKEND_CUDA; }

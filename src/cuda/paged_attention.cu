@@ -8,10 +8,10 @@
 // same kernel serves Ampere, Ada, Hopper and the portable path).
 //
 // Long contexts split into chunks (grid.y) when the caller gives a workspace:
-// each chunk writes a normalised partial output and its log2-sum-exp, and a
-// second kernel merges them. On Hopper the merge is a programmatic dependent
-// launch: its CTAs are resident before the decode grid ends, so the launch gap
-// between the two kernels leaves the critical path.
+// each chunk writes a normalised partial output and its log2-sum-exp to the
+// workspace, and the last CTA of each (sequence, kv head, row tile) to finish
+// merges them, counted by a per-context counter that it resets for the next
+// call (Launch::paged_counters). No second kernel waits for the whole grid.
 #include <algorithm>
 #include <climits>
 
@@ -44,11 +44,10 @@ struct PagedArgs {
   int splits, chunk;  // chunk: tokens per split
   float* part_o;      // [splits, total_q * Hq, D] when splits > 1
   float* part_lse;    // [splits, total_q * Hq], log2 domain
-  int slots;          // ring slots per warp, DecodeConfig::kSlots..kMaxSlots
-  // sm_90: the splits of one (sequence, kv head, row tile) form a thread-block
-  // cluster (grid.y = splits = cluster size) and merge through distributed
-  // shared memory at the end of the decode kernel: no partials, no merge kernel.
-  bool cluster;
+  // [grid.x] zeros (Launch::paged_counters) when splits > 1: the CTAs of a
+  // group count their arrivals here and the last one merges and re-zeroes it.
+  // Null: the merge kernel merges instead (paged_tune's A/B only).
+  unsigned int* counters;
   bool q_vec16, o_vec16, kv_vec16;
   // The merge kernel is a programmatic dependent launch (sm_90, not portable):
   // its CTAs start while the decode grid runs and wait for it in-kernel.
@@ -87,22 +86,15 @@ struct DecodeConfig {
   static constexpr int kChunks = D / 8;               // 16-byte chunks per K/V/Q row
   static constexpr int kRowBytes = D * 2;
   static constexpr int kSlotBytes = kStep * kRowBytes;  // one K or one V step
-  // Ring slots per warp: 3 by default (4 CTAs per SM); when fewer CTAs share
-  // an SM the launcher deepens the ring up to kMaxSlots, so that a warp's whole
-  // chunk (4 steps = 8 loads at B1) is in flight at once (PagedArgs::slots).
   static constexpr int kSlots = 3;
-  static constexpr int kMaxSlots = 8;
   static constexpr int kQBytes = kRows * kRowBytes;
-  // The end-of-CTA merge: o[warp][row][kOStride] f32, then m and l [warp][row],
-  // then the CTA's log2-sum-exp per row (read by the cluster merge).
+  static constexpr int kRingBytes = kWarps * kSlots * kSlotBytes;
+  // The end-of-CTA merge: o[warp][row][kOStride] f32, then m and l [warp][row].
   // The 8-float pad puts a quad's float2 stores of 8 rows in 2 wavefronts.
   static constexpr int kOStride = D + 8;
-  static constexpr int kMergeBytes = kWarps * kRows * (kOStride + 2) * 4 + kRows * 4;
-  static constexpr int smem_bytes(int slots) {
-    const int ring = kWarps * slots * kSlotBytes;
-    return kQBytes + (ring > kMergeBytes ? ring : kMergeBytes);
-  }
-  static constexpr int kSmemBytes = smem_bytes(kSlots);
+  static constexpr int kMergeBytes = kWarps * kRows * (kOStride + 2) * 4;
+  static constexpr int kSmemBytes =
+      kQBytes + (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes);
   // 4 CTAs per H100 SM: D <= 128 at <= 128 registers and 52 KB; D 256 at 56
   // KB. Smaller parts (A100 164 KB, Ada 100 KB) hold fewer: the launcher asks
   // the occupancy calculator.
@@ -161,57 +153,124 @@ __device__ __forceinline__ uint32_t tile_off(int r, int c) {
   return uint32_t(r * (D * 2) + ((c ^ (r & 7)) << 4));
 }
 
-// cp.async.wait_group takes an immediate: one case per ring depth.
-__device__ __forceinline__ void cp_async_wait_dyn(int n) {
-  switch (n) {
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    case 7: cp_async_wait<7>(); break;
-    default: cp_async_wait<0>(); break;
+// Row r's 8-column chunk c of the output (and, for c == 0, its log-sum-exp:
+// natural log, from the log2 value).
+template <typename T>
+__device__ __forceinline__ void store_out(const PagedArgs& a, const SeqInfo& si, int row0, int kvh,
+                                          int r, int c, const float (&o)[8], float lse2) {
+  const int rr = row0 + r, i = rr / a.group, h = kvh * a.group + rr % a.group;
+  const int64_t tok = si.q0 + i;
+  T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + c * 8;
+  uint4 packed;
+  packed.x = pack2<T>(o[0], o[1]);
+  packed.y = pack2<T>(o[2], o[3]);
+  packed.z = pack2<T>(o[4], o[5]);
+  packed.w = pack2<T>(o[6], o[7]);
+  store8(op, packed, a.o_vec16);
+  if (a.lse && c == 0) a.lse[int64_t(h) * a.total_q + tok] = lse2 * kLn2;
+}
+
+// Every CTA of a split group calls this once, after its partial rows (if any)
+// are stored; true in the CTA that arrives last, which then owns the group's
+// merge. That CTA also re-zeroes the counter: every other CTA of the group has
+// arrived, and the next call on the context's stream starts after this one.
+// Uniform over the CTA.
+__device__ __forceinline__ bool arrive_last(const PagedArgs& a) {
+  __shared__ unsigned int last;
+  __threadfence();  // release: this thread's partial rows before the count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int* ctr = a.counters + blockIdx.x;
+    last = atomicAdd(ctr, 1u) == gridDim.y - 1;
+    if (last) *ctr = 0;
+  }
+  __syncthreads();
+  const bool mine = last;
+  if (mine) __threadfence();  // acquire: the other CTAs' rows after their counts
+  return mine;
+}
+
+// The last CTA of a group merges its rows: out = sum_j 2^lse_j O_j / sum_j
+// 2^lse_j over the splits j that cover a row's visible context (a split past
+// it wrote nothing). P lanes share one (row, 8-column chunk) item when the
+// items are fewer than the threads (B1: 4 rows x 16 chunks, P = 2), each
+// folding every P-th split online in batches of kBatch (all of a batch's
+// loads in flight: one L2 round trip per batch), then combining by shuffles.
+// Partials come through L2 (ld.global.cg): other SMs wrote them during this grid.
+template <typename T, int D>
+__device__ void merge_group(const PagedArgs& a, const SeqInfo& si, int row0, int nrows, int kvh,
+                            int threads) {
+  constexpr int kChunks = D / 8;
+  constexpr int kBatch = 8;
+  const int items = nrows * kChunks;
+  int P = 1;
+  while (P < 8 && items * P * 2 <= threads) P *= 2;
+  const int part = threadIdx.x % P;
+  const int64_t rows_total = a.total_q * a.num_q_heads;
+  const int first_vis = si.ctx - si.q_len + 1;
+  // Uniform trip count: the shuffles below need every lane of the warp.
+  for (int first = 0; first < items * P; first += threads) {
+    const int item = (first + int(threadIdx.x)) / P;
+    const bool live = item < items;
+    const int r = live ? item / kChunks : 0, c = live ? item % kChunks : 0;
+    const int rr = row0 + r, h = kvh * a.group + rr % a.group;
+    const int64_t row = (si.q0 + rr / a.group) * a.num_q_heads + h;
+    const int vis = first_vis + rr / a.group;
+    const int n = live ? min(a.splits, (vis + a.chunk - 1) / a.chunk) : 0;
+    float m = -INFINITY, sum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j0 = part; j0 < n; j0 += P * kBatch) {
+      float lj[kBatch];
+      float4 x[kBatch][2];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int j = j0 + q * P;
+        lj[q] = -INFINITY;
+        x[q][0] = x[q][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (j < n) {
+          const int64_t prow = int64_t(j) * rows_total + row;
+          lj[q] = __ldcg(a.part_lse + prow);
+          const float4* src = reinterpret_cast<const float4*>(a.part_o + prow * D + c * 8);
+          x[q][0] = __ldcg(src);
+          x[q][1] = __ldcg(src + 1);
+        }
+      }
+      float mn = m;
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) mn = fmaxf(mn, lj[q]);
+      const float mu = mn == -INFINITY ? 0.f : mn;
+      const float al = fast_exp2(m - mu);
+      sum *= al;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] *= al;
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const float w = fast_exp2(lj[q] - mu);  // 0 for a split past n
+        sum += w;
+        o[0] += w * x[q][0].x, o[1] += w * x[q][0].y, o[2] += w * x[q][0].z;
+        o[3] += w * x[q][0].w, o[4] += w * x[q][1].x, o[5] += w * x[q][1].y;
+        o[6] += w * x[q][1].z, o[7] += w * x[q][1].w;
+      }
+      m = mn;
+    }
+    // Combine the P lanes of an item (consecutive lanes of one warp).
+    for (int off = 1; off < P; off *= 2) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m, off);
+      const float mn = fmaxf(m, mo);
+      const float mu = mn == -INFINITY ? 0.f : mn;
+      const float as = fast_exp2(m - mu), ao = fast_exp2(mo - mu);
+      sum = sum * as + __shfl_xor_sync(0xffffffffu, sum, off) * ao;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = o[e] * as + __shfl_xor_sync(0xffffffffu, o[e], off) * ao;
+      m = mn;
+    }
+    if (live && part == 0) {
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] *= inv;
+      store_out<T>(a, si, row0, kvh, r, c, o, sum > 0.f ? m + __log2f(sum) : -INFINITY);
+    }
   }
 }
-
-// The most splits one cluster merges (16 needs the non-portable cluster size,
-// which the launcher checks; 8 is the portable limit).
-constexpr int kMaxCluster = 16;
-
-#if __CUDA_ARCH__ >= 900
-// Thread-block cluster primitives (sm_90 PTX; the kernel's sm_80 pass has no
-// cluster branch).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// All threads of the cluster: what each wrote before is visible to all after.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// This shared-memory address in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t map_rank(uint32_t addr, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kCtasPerSm)
@@ -244,42 +303,36 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     const int64_t b = (step_base(j) + (lane & 15)) >> a.page_shift;
     return b < a.max_blocks ? __ldg(blocks + b) : -1;
   };
-  // ids[i]: step j + i of the loop below. A deeper ring issues loads up to
-  // kMaxSlots / 2 steps ahead; the next step's ids load a whole step early.
-  constexpr int kIds = C::kMaxSlots / 2 + 1;
-  int32_t ids[kIds];
-#pragma unroll
-  for (int i = 0; i < kIds; ++i) ids[i] = fetch_ids(i);
-  // ids[off] for a run-time off < kIds, without indexing registers at run time.
-  auto ids_at = [&](int off) {
-    int32_t v = ids[0];
-#pragma unroll
-    for (int i = 1; i < kIds; ++i) v = off == i ? ids[i] : v;
-    return v;
-  };
+  int32_t ids_cur = fetch_ids(0), ids_next = fetch_ids(1);
 
   const SeqInfo si = seq_info(a, s);
+  // Every early exit below is uniform over the CTA (it precedes __syncthreads),
+  // and with counters it still counts: the group's last CTA may be any of them.
+  const bool counted = a.splits > 1 && a.counters;
   if (!si.ok) {
     if (threadIdx.x == 0 && rt == 0 && kvh == 0 && split == 0) raise_index_error(a.error_flag);
+    if (counted) arrive_last(a);  // nothing to merge; re-zeroes the counter
     return;
   }
-  // Every early exit below is uniform over the CTA (it precedes __syncthreads).
   const int G = a.group;
   const int row0 = rt * C::kRows;
   const int nrows = min(C::kRows, si.q_len * G - row0);
-  if (nrows <= 0) return;
+  if (nrows <= 0) {
+    if (counted) arrive_last(a);
+    return;
+  }
   // Query i of the sequence sees positions [0, ctx - q_len + i].
   const int first_vis = si.ctx - si.q_len + 1;
   const int tok_end = min(tok_begin + a.chunk, first_vis + (row0 + nrows - 1) / G);
-  // The merge kernel reads no split past a row's context. A cluster's CTAs all
-  // reach its barriers: an empty split runs no step and offers lse -inf.
-  if (tok_begin >= tok_end && !a.cluster) return;
-  const int n_steps = max(0, (tok_end - tok_begin + C::kStep - 1) / C::kStep);
+  if (tok_begin >= tok_end) {  // the merge reads no split past a row's context
+    if (counted && arrive_last(a)) merge_group<T, D>(a, si, row0, nrows, kvh, C::kThreads);
+    return;
+  }
+  const int n_steps = (tok_end - tok_begin + C::kStep - 1) / C::kStep;
   const int my_steps = (n_steps - warp + C::kWarps - 1) / C::kWarps;
 
   const uint32_t q_s = smem_addr(smem);
-  const int R = a.slots;
-  const uint32_t ring = q_s + C::kQBytes + uint32_t(warp * R * C::kSlotBytes);
+  const uint32_t ring = q_s + C::kQBytes + uint32_t(warp * C::kSlots * C::kSlotBytes);
   // This lane's 16-byte column of every K/V row it copies: chunk lane % kChunks.
   // Cache rows are addressed as 32-bit row numbers times a 32-bit byte
   // stride (one IMAD.WIDE): a cache of 2^31 token rows would not fit a GPU.
@@ -331,21 +384,14 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     }
   };
 
-  // Load n of a warp is K_n/2 (n even) or V_n/2 (n odd), in slot n % R, one
-  // cp.async group each; before load n is read, loads up to n + R - 1 are
-  // issued, so "load n landed" is cp.async.wait_group R - 1. j: the step whose
-  // ids sit in ids[0]. Loads past the warp's steps commit empty groups.
-  auto issue_load = [&](int n, int j, int slot) {
-    const int step = n >> 1;
-    if (step < my_steps) {
-      const int32_t id = ids_at(step - j);
-      issue(step, (n & 1) ? v_col : k_col, id, step_valid(step, id), slot);
-    }
-  };
-  // Prologue: loads 0 .. R - 2, the CTA's query rows in load 0's group. The
-  // query rows load after the first K copies are issued: only the first
-  // step's math needs them, so their DRAM round trip overlaps the KV's.
-  issue_load(0, 0, 0);
+  // Prologue: K_0 and the CTA's query rows (group 0), V_0 (group 1). The query
+  // rows load after the first K copies are issued: only the first step's math
+  // needs them, so their DRAM round trip overlaps the KV's.
+  uint32_t valid_cur = 0;
+  if (my_steps > 0) {
+    valid_cur = step_valid(0, ids_cur);
+    issue(0, k_col, ids_cur, valid_cur, 0);
+  }
   for (int item = threadIdx.x; item < C::kRows * C::kChunks; item += C::kThreads) {
     const int r = item / C::kChunks, c = item % C::kChunks;
     const bool ok = r < nrows;
@@ -362,11 +408,9 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     }
   }
   cp_async_commit();
-  for (int n = 1; n < R - 1; ++n) {
-    issue_load(n, 0, n);
-    cp_async_commit();
-  }
-  cp_async_wait_dyn(R - 2);
+  if (my_steps > 0) issue(0, v_col, ids_cur, valid_cur, 1);
+  cp_async_commit();
+  cp_async_wait<1>();
   __syncthreads();  // the query rows came from every thread
 
   // ldmatrix lane roles (fragment layouts of mma.m16n8k16): A (Q) and B^T (V,
@@ -387,23 +431,24 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
 
-  // K_j is load 2j in slot `use`, V_j the next one; `put` is the slot of the
-  // load R - 1 ahead of the one read next (the slot read last).
-  int use = 0, put = R - 1;
-  auto next = [R](int& slot) { slot = slot + 1 == R ? 0 : slot + 1; };
+  // Load n (K_j = 2j, V_j = 2j + 1) sits in slot n % 3; one cp.async group per
+  // load, so "load n landed" is cp.async.wait_group 2 once load n + 2 is committed.
   for (int j = 0; j < my_steps; ++j) {
     const int base = step_base(j);
-    const int32_t ids_new = fetch_ids(j + kIds);  // used next step: its latency hides behind this one
-    const uint32_t valid_cur = step_valid(j, ids[0]);
+    const bool more = j + 1 < my_steps;
+    const int32_t ids_j1 = ids_next;
+    ids_next = fetch_ids(j + 2);  // used next step: its latency hides behind this one
+    const int slot_k = (2 * j) % 3, slot_v = (2 * j + 1) % 3, slot_k1 = (2 * j + 2) % 3;
 
+    uint32_t valid_j1 = 0;
     __syncwarp();  // every lane is done with V_j-1's slot
-    issue_load(2 * j + R - 1, j, put);
-    next(put);
+    if (more) {
+      valid_j1 = step_valid(j + 1, ids_j1);
+      issue(j + 1, k_col, ids_j1, valid_j1, slot_k1);
+    }
     cp_async_commit();
-    cp_async_wait_dyn(R - 1);
+    cp_async_wait<2>();
     __syncwarp();  // K_j from every lane
-    const int slot_k = use;
-    next(use);
 
     // S = Q.K^T for 16 tokens: two n8 tiles, D/16 k-steps.
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -473,14 +518,12 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     pa[3] = pack2<T>(sc[1][2], sc[1][3]);
 
     __syncwarp();  // every lane is done with K_j's slot
-    issue_load(2 * j + R, j, put);
-    next(put);
+    if (more) issue(j + 1, v_col, ids_j1, valid_j1, slot_k);
     cp_async_commit();
-    cp_async_wait_dyn(R - 1);
+    cp_async_wait<2>();
     __syncwarp();  // V_j from every lane
 
-    const uint32_t v_s = ring + uint32_t(use * C::kSlotBytes);
-    next(use);
+    const uint32_t v_s = ring + uint32_t(slot_v * C::kSlotBytes);
 #pragma unroll
     for (int kk = 0; kk < kK; ++kk) {
       uint32_t vb[4];
@@ -488,9 +531,7 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
       mma_16816<T>(acc[2 * kk], pa, vb[0], vb[1]);
       mma_16816<T>(acc[2 * kk + 1], pa, vb[2], vb[3]);
     }
-#pragma unroll
-    for (int i = 0; i + 1 < kIds; ++i) ids[i] = ids[i + 1];
-    ids[kIds - 1] = ids_new;
+    valid_cur = valid_j1;
   }
 #pragma unroll
   for (int off = 1; off <= 2; off *= 2) {
@@ -504,7 +545,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   float* o_s = reinterpret_cast<float*>(smem + C::kQBytes);
   float* m_s = o_s + C::kWarps * C::kRows * C::kOStride;
   float* l_s = m_s + C::kWarps * C::kRows;
-  float* lse_s = l_s + C::kWarps * C::kRows;
   if (g < nrows) {
     float* dst = o_s + (warp * C::kRows + g) * C::kOStride + t2;
 #pragma unroll
@@ -527,19 +567,6 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   }
   __syncthreads();
 
-  // Row r's chunk c of the final output, and its log-sum-exp (natural log).
-  auto store_out = [&](int r, int c, const float (&o)[8], float lse2) {
-    const int rr = row0 + r, i = rr / G, h = kvh * G + rr % G;
-    const int64_t tok = si.q0 + i;
-    T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + c * 8;
-    uint4 packed;
-    packed.x = pack2<T>(o[0], o[1]);
-    packed.y = pack2<T>(o[2], o[3]);
-    packed.z = pack2<T>(o[4], o[5]);
-    packed.w = pack2<T>(o[6], o[7]);
-    store8(op, packed, a.o_vec16);
-    if (a.lse && c == 0) a.lse[int64_t(h) * a.total_q + tok] = lse2 * kLn2;
-  };
   const int64_t rows_total = a.total_q * a.num_q_heads;
   for (int item = threadIdx.x; item < nrows * C::kChunks; item += C::kThreads) {
     const int r = item / C::kChunks, c = item % C::kChunks;
@@ -562,17 +589,11 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] *= inv;
     const float lse2 = sum > 0.f ? mx + __log2f(sum) : -INFINITY;
-    if (a.cluster) {
-      // In place over warp 0's row: only this item reads or writes that chunk.
-      float4* dst = reinterpret_cast<float4*>(o_s + r * C::kOStride + c * 8);
-      dst[0] = make_float4(o[0], o[1], o[2], o[3]);
-      dst[1] = make_float4(o[4], o[5], o[6], o[7]);
-      if (c == 0) lse_s[r] = lse2;
-    } else if (a.splits == 1) {
-      store_out(r, c, o, lse2);
+    const int rr = row0 + r, i = rr / G, h = kvh * G + rr % G;
+    const int64_t tok = si.q0 + i;
+    if (a.splits == 1) {
+      store_out<T>(a, si, row0, kvh, r, c, o, lse2);
     } else {
-      const int rr = row0 + r, h = kvh * G + rr % G;
-      const int64_t tok = si.q0 + rr / G;
       const int64_t prow = int64_t(split) * rows_total + tok * a.num_q_heads + h;
       float4* dst = reinterpret_cast<float4*>(a.part_o + prow * D + c * 8);
       dst[0] = make_float4(o[0], o[1], o[2], o[3]);
@@ -580,72 +601,7 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
       if (c == 0) a.part_lse[prow] = lse2;
     }
   }
-#if __CUDA_ARCH__ >= 900
-  if (a.cluster) {
-    // The cluster merge: out = sum_j 2^lse_j O_j / sum_j 2^lse_j over the
-    // cluster's S CTAs (one per split). A quad of lanes takes one (row,
-    // 8-column chunk) item, lane `sub` reading CTAs sub, sub + 4, ... through
-    // distributed shared memory (all its loads in flight at once), and the
-    // quad's lanes combine by shuffles. Items are dealt to the CTAs in turn,
-    // so every CTA writes a share of the output.
-    cluster_sync();  // every CTA's rows and lse written (release / acquire)
-    constexpr int kQuads = C::kThreads / 4;
-    constexpr int kPerLane = kMaxCluster / 4;
-    const int S = a.splits;
-    const int rank = int(cluster_rank());
-    const int quad = threadIdx.x / 4, sub = threadIdx.x % 4;
-    const int items = nrows * C::kChunks;
-    const uint32_t o_base = smem_addr(o_s), l_base = smem_addr(lse_s);
-    for (int first = 0; first < items; first += kQuads * S) {  // uniform over the CTA
-      const int item = first + quad * S + rank;
-      const bool live = item < items;
-      const int r = live ? item / C::kChunks : 0, c = live ? item % C::kChunks : 0;
-      float lj[kPerLane];
-      float4 x[kPerLane][2];
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u) {
-        const int src = sub + 4 * u;
-        lj[u] = -INFINITY;
-        x[u][0] = x[u][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (live && src < S) {
-          const uint32_t o_addr =
-              map_rank(o_base + uint32_t((r * C::kOStride + c * 8) * 4), uint32_t(src));
-          lj[u] = ld_cluster_f32(map_rank(l_base + uint32_t(r * 4), uint32_t(src)));
-          x[u][0] = ld_cluster_f32x4(o_addr);
-          x[u][1] = ld_cluster_f32x4(o_addr + 16);
-        }
-      }
-      float mx = lj[0];
-#pragma unroll
-      for (int u = 1; u < kPerLane; ++u) mx = fmaxf(mx, lj[u]);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      float sum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u) {
-        const float wt = fast_exp2(lj[u] - m_use);  // 0 for an empty split or CTA
-        sum += wt;
-        o[0] += wt * x[u][0].x, o[1] += wt * x[u][0].y, o[2] += wt * x[u][0].z;
-        o[3] += wt * x[u][0].w, o[4] += wt * x[u][1].x, o[5] += wt * x[u][1].y;
-        o[6] += wt * x[u][1].z, o[7] += wt * x[u][1].w;
-      }
-#pragma unroll
-      for (int off = 1; off <= 2; off *= 2) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, off);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] += __shfl_xor_sync(0xffffffffu, o[e], off);
-      }
-      if (live && sub == 0) {
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] *= inv;
-        store_out(r, c, o, sum > 0.f ? mx + __log2f(sum) : -INFINITY);
-      }
-    }
-    cluster_sync();  // no CTA leaves while another still reads its shared memory
-  }
-#endif
+  if (counted && arrive_last(a)) merge_group<T, D>(a, si, row0, nrows, kvh, C::kThreads);
 }
 
 // f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned).
@@ -754,69 +710,10 @@ size_t split_bytes(int64_t total_q, int64_t num_q_heads, int64_t head_dim) {
 
 // Overrides for the tuning harness (paged_tune.cu); the library passes none.
 struct PagedTuning {
-  int splits = 0;           // > 0: this many splits (the workspace permitting)
-  bool skip_merge = false;  // time the decode kernel alone (merge kernel path)
-  int cluster = -1;         // 0: never the cluster merge; -1: the launcher's choice
-  int slots = 0;            // > 0: this ring depth (clamped to what fits)
+  int splits = 0;            // > 0: this many splits (the workspace permitting)
+  bool skip_merge = false;   // time the decode kernel alone (with merge_kernel)
+  bool merge_kernel = false; // merge in a second kernel (v2b) instead of the last CTA
 };
-
-// What one instantiation can do on this device (the backend serves one
-// device): its deepest ring, CTAs per SM at each depth, and the largest
-// cluster of splits (0: none; the sm_80 build of the kernel has no cluster
-// merge, whatever the device).
-template <int D>
-struct PagedCaps {
-  using C = DecodeConfig<D>;
-  cudaError_t err = cudaSuccess;
-  int max_slots = C::kSlots;
-  int ctas_per_sm[C::kMaxSlots + 1] = {};
-  int max_cluster = 0;
-};
-
-template <typename T, int D>
-PagedCaps<D> paged_caps(const Launch& l) {
-  using C = DecodeConfig<D>;
-  auto kernel = paged_decode_kernel<T, D>;
-  PagedCaps<D> c;
-  const int optin = l.smem_optin > 0 ? l.smem_optin : C::kSmemBytes;
-  while (c.max_slots < C::kMaxSlots && C::smem_bytes(c.max_slots + 1) <= optin) ++c.max_slots;
-  // Above 48 KB a kernel must opt in to dynamic shared memory.
-  c.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::smem_bytes(c.max_slots));
-  if (c.err != cudaSuccess) return c;
-  for (int r = C::kSlots; r <= c.max_slots; ++r) {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, C::kThreads,
-                                                      C::smem_bytes(r)) != cudaSuccess)
-      cudaGetLastError();
-    c.ctas_per_sm[r] = std::clamp(n, 1, C::kCtasPerSm);
-  }
-  cudaFuncAttributes fa{};
-  if (l.sm_major < 9 || cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.binaryVersion < 90) {
-    cudaGetLastError();
-    return c;
-  }
-  c.max_cluster = 8;  // the portable cluster size
-  // 16 CTAs of the deepest ring (one per SM) must fit one GPC at once.
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(1, kMaxCluster);
-  cfg.blockDim = dim3(C::kThreads);
-  cfg.dynamicSmemBytes = size_t(C::smem_bytes(c.max_slots));
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = 1;
-  at[0].val.clusterDim.y = kMaxCluster;
-  at[0].val.clusterDim.z = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = 1;
-  int n = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
-          cudaSuccess &&
-      cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n >= 1)
-    c.max_cluster = kMaxCluster;
-  cudaGetLastError();
-  return c;
-}
 
 template <typename T, int D>
 tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, const Launch& l,
@@ -827,23 +724,25 @@ tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, con
     return fail(TK_ERR_UNSUPPORTED, "paged_attention: %lld work items exceed the cuda grid",
                 (long long)base_ctas);
   auto kernel = paged_decode_kernel<T, D>;
-  static const PagedCaps<D> caps = paged_caps<T, D>(l);
-  if (caps.err != cudaSuccess)
+  // Above 48 KB a kernel must opt in to dynamic shared memory; once per
+  // instantiation (and device: the backend serves one device), with the CTAs
+  // per SM that the split heuristic fills.
+  static const cudaError_t smem_ok = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (smem_ok != cudaSuccess)
     return fail(TK_ERR_BACKEND, "paged_attention: cannot reserve %d bytes of shared memory: %s",
-                C::smem_bytes(caps.max_slots), cudaGetErrorString(caps.err));
-  int64_t splits = tune.splits > 0
-                       ? std::min(tune.splits, kMaxSplits)
-                       : choose_splits(base_ctas, a.max_ctx, l.num_sms, caps.ctas_per_sm[C::kSlots]);
-  // On sm_90 the splits of a small batch merge inside their cluster: at most
-  // 16 of them (H100, B1 Hq32 Hkv8 ctx 4096 takes 16 instead of 32), and no
-  // workspace. Otherwise the merge kernel reads their partials from the workspace.
-  const int max_cluster = l.portable || tune.cluster == 0 ? 0 : caps.max_cluster;
-  if (tune.splits <= 0 && max_cluster >= 2) splits = std::min<int64_t>(splits, max_cluster);
-  const bool cluster_fits = splits <= max_cluster;
-  if (!cluster_fits) {
-    const size_t per_split = split_bytes(a.total_q, a.num_q_heads, D);
-    splits = std::min<int64_t>(splits, int64_t(workspace_bytes / per_split));
-  }
+                C::kSmemBytes, cudaGetErrorString(smem_ok));
+  static const int ctas_per_sm = [&] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, C::kThreads, C::kSmemBytes) !=
+        cudaSuccess)
+      cudaGetLastError();
+    return std::clamp(n, 1, C::kCtasPerSm);
+  }();
+  int64_t splits = tune.splits > 0 ? std::min(tune.splits, kMaxSplits)
+                                   : choose_splits(base_ctas, a.max_ctx, l.num_sms, ctas_per_sm);
+  const size_t per_split = split_bytes(a.total_q, a.num_q_heads, D);
+  splits = std::min<int64_t>(splits, int64_t(workspace_bytes / per_split));
   int64_t chunk = a.max_ctx;
   if (splits > 1) {
     chunk = (a.max_ctx + splits - 1) / splits;
@@ -856,47 +755,17 @@ tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, con
   }
   a.splits = int(splits);
   a.chunk = int(chunk);
-  a.cluster = splits > 1 && cluster_fits;
-  if (splits > 1 && !a.cluster) {
+  if (splits > 1) {
     a.part_o = static_cast<float*>(workspace);
     a.part_lse = a.part_o + splits * a.total_q * a.num_q_heads * D;
+    // choose_splits splits only grids of fewer CTAs than SMs: one counter each.
+    if (!tune.merge_kernel && base_ctas <= kPagedCounters) a.counters = l.paged_counters;
   }
-  // Ring depth: enough slots for a warp's whole chunk (two loads per step),
-  // as deep as the CTAs that share an SM leave room for.
-  const int64_t ctas = base_ctas * splits;
-  const int64_t per_sm = (ctas + l.num_sms - 1) / std::max(1, l.num_sms);
-  const int64_t warp_steps = ((chunk + C::kStep - 1) / C::kStep + C::kWarps - 1) / C::kWarps;
-  int slots = tune.slots > 0 ? tune.slots : int(std::min<int64_t>(2 * warp_steps, C::kMaxSlots));
-  slots = std::clamp(slots, C::kSlots, caps.max_slots);
-  if (tune.slots <= 0)
-    while (slots > C::kSlots && caps.ctas_per_sm[slots] < per_sm) --slots;
-  a.slots = slots;
-  const size_t smem = size_t(C::smem_bytes(slots));
-  a.pdl = splits > 1 && !a.cluster && !l.portable && l.sm_major >= 9 && !tune.skip_merge;
-  if (a.cluster) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(unsigned(base_ctas), unsigned(splits));
-    cfg.blockDim = dim3(C::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = l.stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = unsigned(splits);
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      return fail(TK_ERR_BACKEND, "paged_attention: CUDA cluster launch failed: %s",
-                  cudaGetErrorString(e));
-    }
-    return check_launch("paged_attention");
-  }
-  kernel<<<dim3(unsigned(base_ctas), unsigned(splits)), C::kThreads, smem, l.stream>>>(a);
+  const bool merge_kernel = splits > 1 && !a.counters;
+  a.pdl = merge_kernel && !l.portable && l.sm_major >= 9 && !tune.skip_merge;
+  kernel<<<dim3(unsigned(base_ctas), unsigned(splits)), C::kThreads, C::kSmemBytes, l.stream>>>(a);
   TK_TRY(check_launch("paged_attention"));
-  if (splits > 1 && !tune.skip_merge) {
+  if (merge_kernel && !tune.skip_merge) {
     const int64_t rows = int64_t(a.num_seqs) * a.max_q_len * a.num_q_heads;
     if (rows > INT_MAX) return fail(TK_ERR_UNSUPPORTED, "paged_attention: merge grid too large");
     cudaLaunchConfig_t cfg{};

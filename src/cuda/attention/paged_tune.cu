@@ -3,8 +3,8 @@
 // shuffled order) the way the bench does (read-pass L2 flush, then cudaEvents
 // around the op, median), for the kernel before this change ("v2b", commit
 // dd71f16: merge kernel), the current one at its own choices and at forced
-// ones (splits, cluster merge or merge kernel, ring depth), the decode kernel
-// without its merge, and two floors: an empty kernel and one read pass over
+// ones (splits, merge by the last CTA or by the merge kernel), the decode
+// kernel without its merge, and two floors: an empty kernel and one read pass over
 // the same KV bytes. Every variant's output is compared with v2b's.
 //
 //   git show dd71f16:src/cuda/paged_attention.cu > /tmp/paged_v2b.cu
@@ -181,30 +181,8 @@ int main() {
   l.sm_minor = prop.minor;
   l.smem_optin = int(prop.sharedMemPerBlockOptin);
   l.portable = false;
-  {  // clusters of the B1 shape that fit at once (8 would hold one per (kv head))
-    auto kernel = paged_decode_kernel<__nv_bfloat16, 128>;
-    using C = DecodeConfig<128>;
-    (void)paged_caps<__nv_bfloat16, 128>(l);  // opts in to shared memory and cluster size 16
-    for (int slots : {3, 4, 8})
-      for (int cs : {8, 12, 16}) {
-        cudaLaunchConfig_t cfg{};
-        cfg.gridDim = dim3(8, cs);
-        cfg.blockDim = dim3(C::kThreads);
-        cfg.dynamicSmemBytes = size_t(C::smem_bytes(slots));
-        cudaLaunchAttribute at[1];
-        at[0].id = cudaLaunchAttributeClusterDimension;
-        at[0].val.clusterDim.x = 1;
-        at[0].val.clusterDim.y = unsigned(cs);
-        at[0].val.clusterDim.z = 1;
-        cfg.attrs = at;
-        cfg.numAttrs = 1;
-        int n = -1;
-        const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
-        std::printf("  max active clusters: ring %d (%d B), cluster %2d: %d (%s)\n", slots,
-                    C::smem_bytes(slots), cs, n, cudaGetErrorString(e));
-        cudaGetLastError();
-      }
-  }
+  CK(cudaMalloc(&l.paged_counters, kPagedCounters * sizeof(unsigned)));
+  CK(cudaMemset(l.paged_counters, 0, kPagedCounters * sizeof(unsigned)));
   const tk::tune::Timer timer(sms, st);
   auto time = [&](const char* name, double bytes, auto&& fn) {
     fn();
@@ -247,23 +225,13 @@ int main() {
   };
   const std::vector<Shape> shapes = {
       {1, 4096,
-       {{"cluster 16, ring 8 (auto)", {0, false, -1, 0}},
-        {"cluster 16, ring 3", {16, false, 1, 3}},
-        {"cluster 16, ring 4", {16, false, 1, 4}},
-        {"cluster 8, ring auto", {8, false, 1, 0}},
-        {"cluster 12, ring auto", {12, false, 1, 0}},
-        {"merge kernel 32, ring auto (4)", {32, false, 0, 0}},
-        {"merge kernel 32, ring 3", {32, false, 0, 3}},
-        {"merge kernel 16, ring auto (8)", {16, false, 0, 0}},
-        {"merge kernel 16, ring 3", {16, false, 0, 3}},
-        {"decode only 32, ring auto", {32, true, 0, 0}},
-        {"decode only 16, ring auto", {16, true, 0, 0}},
-        {"decode only 16, ring 3", {16, true, 0, 3}}}},
-      {32, 4096,
-       {{"auto (ring 6)", {0, false, -1, 0}},
-        {"ring 3", {0, false, -1, 3}},
-        {"ring 4", {0, false, -1, 4}}}},
-      {64, 8192, {{"auto (ring 3)", {0, false, -1, 0}}}},
+       {{"last CTA merges, 16 splits", {16, false, false}},
+        {"last CTA merges, 64 splits", {64, false, false}},
+        {"merge kernel, 32 splits (v2b's way)", {32, false, true}},
+        {"merge kernel, 16 splits", {16, false, true}},
+        {"decode only, 32 splits", {32, true, true}}}},
+      {32, 4096, {}},
+      {64, 8192, {}},
   };
   for (const Shape& s : shapes) {
     Problem pr = make(s.B, s.ctx, sms);
@@ -284,6 +252,13 @@ int main() {
     lp.portable = true;
     time("new default, portable", pr.kv_bytes, [&] { paged_attention(pr.p, lp); });
     compare(pr, "portable");
+    {  // counters zero again after the calls
+      std::vector<unsigned> ctr(kPagedCounters);
+      CK(cudaMemcpy(ctr.data(), l.paged_counters, ctr.size() * 4, cudaMemcpyDeviceToHost));
+      int nonzero = 0;
+      for (unsigned v : ctr) nonzero += v != 0;
+      std::printf("    counters left non-zero: %d\n", nonzero);
+    }
     for (const Variant& v : s.v) {
       time(v.name, pr.kv_bytes, [&] { run_v2(p2, l, v.t); });
       if (!v.t.skip_merge) compare(pr, v.name);
