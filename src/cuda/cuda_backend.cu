@@ -55,6 +55,13 @@ class CudaBackend final : public Backend {
     }
     const char* portable = std::getenv("TK_CUDA_PORTABLE");
     b->launch_.portable = portable && *portable && std::strcmp(portable, "0") != 0;
+    // TK_PAGED_COUNTERS=0: paged_attention's merge waits for the whole decode
+    // grid instead of its group's count (A/B and tests of that path).
+    const char* counters = std::getenv("TK_PAGED_COUNTERS");
+    if (counters && std::strcmp(counters, "0") == 0) {
+      cudaFree(b->launch_.paged_counters);
+      b->launch_.paged_counters = nullptr;
+    }
     b->name_ = prop.name;
     b->launch_.stream = nullptr;
     b->launch_.num_sms = prop.multiProcessorCount;

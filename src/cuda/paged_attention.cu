@@ -8,10 +8,13 @@
 // same kernel serves Ampere, Ada, Hopper and the portable path).
 //
 // Long contexts split into chunks (grid.y) when the caller gives a workspace:
-// each chunk writes a normalised partial output and its log2-sum-exp to the
-// workspace, and the last CTA of each (sequence, kv head, row tile) to finish
-// merges them, counted by a per-context counter that it resets for the next
-// call (Launch::paged_counters). No second kernel waits for the whole grid.
+// each chunk writes a normalised partial output and its log2-sum-exp, and a
+// second kernel merges them. On Hopper the merge is a programmatic dependent
+// launch: its CTAs are resident before the decode grid ends, so the launch gap
+// between the two kernels leaves the critical path. Each split counts itself
+// on its group's counter (Launch::paged_counters) once its partial rows are
+// stored, and a merge CTA starts as soon as its group's count is complete,
+// instead of waiting for the whole decode grid to end and flush.
 #include <algorithm>
 #include <climits>
 
@@ -44,9 +47,10 @@ struct PagedArgs {
   int splits, chunk;  // chunk: tokens per split
   float* part_o;      // [splits, total_q * Hq, D] when splits > 1
   float* part_lse;    // [splits, total_q * Hq], log2 domain
-  // [grid.x] zeros (Launch::paged_counters) when splits > 1: the CTAs of a
-  // group count their arrivals here and the last one merges and re-zeroes it.
-  // Null: the merge kernel merges instead (paged_tune's A/B only).
+  // [grid.x] zeros when splits > 1 (Launch::paged_counters): the decode CTAs
+  // of a group each add 1 once their rows are stored, the group's merge CTAs
+  // wait for `splits`, add 1 each, and the last one re-zeroes it. Null: the
+  // merge waits for the whole decode grid (griddepcontrol.wait).
   unsigned int* counters;
   bool q_vec16, o_vec16, kv_vec16;
   // The merge kernel is a programmatic dependent launch (sm_90, not portable):
@@ -153,123 +157,23 @@ __device__ __forceinline__ uint32_t tile_off(int r, int c) {
   return uint32_t(r * (D * 2) + ((c ^ (r & 7)) << 4));
 }
 
-// Row r's 8-column chunk c of the output (and, for c == 0, its log-sum-exp:
-// natural log, from the log2 value).
-template <typename T>
-__device__ __forceinline__ void store_out(const PagedArgs& a, const SeqInfo& si, int row0, int kvh,
-                                          int r, int c, const float (&o)[8], float lse2) {
-  const int rr = row0 + r, i = rr / a.group, h = kvh * a.group + rr % a.group;
-  const int64_t tok = si.q0 + i;
-  T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + c * 8;
-  uint4 packed;
-  packed.x = pack2<T>(o[0], o[1]);
-  packed.y = pack2<T>(o[2], o[3]);
-  packed.z = pack2<T>(o[4], o[5]);
-  packed.w = pack2<T>(o[6], o[7]);
-  store8(op, packed, a.o_vec16);
-  if (a.lse && c == 0) a.lse[int64_t(h) * a.total_q + tok] = lse2 * kLn2;
+// Release / acquire on a group counter (gpu scope; plain sm_70 PTX).
+__device__ __forceinline__ void red_release_add(unsigned int* p, unsigned int v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
-// Every CTA of a split group calls this once, after its partial rows (if any)
-// are stored; true in the CTA that arrives last, which then owns the group's
-// merge. That CTA also re-zeroes the counter: every other CTA of the group has
-// arrived, and the next call on the context's stream starts after this one.
-// Uniform over the CTA.
-__device__ __forceinline__ bool arrive_last(const PagedArgs& a) {
-  __shared__ unsigned int last;
-  __threadfence();  // release: this thread's partial rows before the count
+// A decode CTA of a split group: its partial rows (if any) are stored; count
+// it. Uniform over the CTA. The barrier orders every thread's stores before
+// thread 0's release (cumulative at gpu scope): no full fence, which cost
+// ~2 us at B1 (run 5).
+__device__ __forceinline__ void count_split(const PagedArgs& a) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned int* ctr = a.counters + blockIdx.x;
-    last = atomicAdd(ctr, 1u) == gridDim.y - 1;
-    if (last) *ctr = 0;
-  }
-  __syncthreads();
-  const bool mine = last;
-  if (mine) __threadfence();  // acquire: the other CTAs' rows after their counts
-  return mine;
-}
-
-// The last CTA of a group merges its rows: out = sum_j 2^lse_j O_j / sum_j
-// 2^lse_j over the splits j that cover a row's visible context (a split past
-// it wrote nothing). P lanes share one (row, 8-column chunk) item when the
-// items are fewer than the threads (B1: 4 rows x 16 chunks, P = 2), each
-// folding every P-th split online in batches of kBatch (all of a batch's
-// loads in flight: one L2 round trip per batch), then combining by shuffles.
-// Partials come through L2 (ld.global.cg): other SMs wrote them during this grid.
-template <typename T, int D>
-__device__ void merge_group(const PagedArgs& a, const SeqInfo& si, int row0, int nrows, int kvh,
-                            int threads) {
-  constexpr int kChunks = D / 8;
-  constexpr int kBatch = 8;
-  const int items = nrows * kChunks;
-  int P = 1;
-  while (P < 8 && items * P * 2 <= threads) P *= 2;
-  const int part = threadIdx.x % P;
-  const int64_t rows_total = a.total_q * a.num_q_heads;
-  const int first_vis = si.ctx - si.q_len + 1;
-  // Uniform trip count: the shuffles below need every lane of the warp.
-  for (int first = 0; first < items * P; first += threads) {
-    const int item = (first + int(threadIdx.x)) / P;
-    const bool live = item < items;
-    const int r = live ? item / kChunks : 0, c = live ? item % kChunks : 0;
-    const int rr = row0 + r, h = kvh * a.group + rr % a.group;
-    const int64_t row = (si.q0 + rr / a.group) * a.num_q_heads + h;
-    const int vis = first_vis + rr / a.group;
-    const int n = live ? min(a.splits, (vis + a.chunk - 1) / a.chunk) : 0;
-    float m = -INFINITY, sum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j0 = part; j0 < n; j0 += P * kBatch) {
-      float lj[kBatch];
-      float4 x[kBatch][2];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int j = j0 + q * P;
-        lj[q] = -INFINITY;
-        x[q][0] = x[q][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (j < n) {
-          const int64_t prow = int64_t(j) * rows_total + row;
-          lj[q] = __ldcg(a.part_lse + prow);
-          const float4* src = reinterpret_cast<const float4*>(a.part_o + prow * D + c * 8);
-          x[q][0] = __ldcg(src);
-          x[q][1] = __ldcg(src + 1);
-        }
-      }
-      float mn = m;
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) mn = fmaxf(mn, lj[q]);
-      const float mu = mn == -INFINITY ? 0.f : mn;
-      const float al = fast_exp2(m - mu);
-      sum *= al;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] *= al;
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const float w = fast_exp2(lj[q] - mu);  // 0 for a split past n
-        sum += w;
-        o[0] += w * x[q][0].x, o[1] += w * x[q][0].y, o[2] += w * x[q][0].z;
-        o[3] += w * x[q][0].w, o[4] += w * x[q][1].x, o[5] += w * x[q][1].y;
-        o[6] += w * x[q][1].z, o[7] += w * x[q][1].w;
-      }
-      m = mn;
-    }
-    // Combine the P lanes of an item (consecutive lanes of one warp).
-    for (int off = 1; off < P; off *= 2) {
-      const float mo = __shfl_xor_sync(0xffffffffu, m, off);
-      const float mn = fmaxf(m, mo);
-      const float mu = mn == -INFINITY ? 0.f : mn;
-      const float as = fast_exp2(m - mu), ao = fast_exp2(mo - mu);
-      sum = sum * as + __shfl_xor_sync(0xffffffffu, sum, off) * ao;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = o[e] * as + __shfl_xor_sync(0xffffffffu, o[e], off) * ao;
-      m = mn;
-    }
-    if (live && part == 0) {
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] *= inv;
-      store_out<T>(a, si, row0, kvh, r, c, o, sum > 0.f ? m + __log2f(sum) : -INFINITY);
-    }
-  }
+  if (threadIdx.x == 0) red_release_add(a.counters + blockIdx.x, 1u);
 }
 
 template <typename T, int D>
@@ -279,8 +183,8 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   constexpr int kK = D / 16;  // k-steps of Q.K^T, n-tile pairs of P.V
   extern __shared__ __align__(128) unsigned char smem[];
 #if __CUDA_ARCH__ >= 900
-  // The merge's griddepcontrol.wait still waits for this whole grid to finish
-  // and flush; triggering at once only takes its launch off the critical path.
+  // The merge CTAs become resident at once; each then waits for its own
+  // group's count (or, without counters, for this whole grid to end and flush).
   if (a.pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -306,26 +210,21 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   int32_t ids_cur = fetch_ids(0), ids_next = fetch_ids(1);
 
   const SeqInfo si = seq_info(a, s);
-  // Every early exit below is uniform over the CTA (it precedes __syncthreads),
-  // and with counters it still counts: the group's last CTA may be any of them.
-  const bool counted = a.splits > 1 && a.counters;
-  if (!si.ok) {
+  if (!si.ok) {  // no merge CTA of this sequence waits
     if (threadIdx.x == 0 && rt == 0 && kvh == 0 && split == 0) raise_index_error(a.error_flag);
-    if (counted) arrive_last(a);  // nothing to merge; re-zeroes the counter
     return;
   }
+  // Every early exit below is uniform over the CTA (it precedes __syncthreads).
   const int G = a.group;
   const int row0 = rt * C::kRows;
   const int nrows = min(C::kRows, si.q_len * G - row0);
-  if (nrows <= 0) {
-    if (counted) arrive_last(a);
-    return;
-  }
+  if (nrows <= 0) return;  // a row tile past the sequence's rows: no merge CTA either
+  const bool counted = a.splits > 1 && a.counters;
   // Query i of the sequence sees positions [0, ctx - q_len + i].
   const int first_vis = si.ctx - si.q_len + 1;
   const int tok_end = min(tok_begin + a.chunk, first_vis + (row0 + nrows - 1) / G);
   if (tok_begin >= tok_end) {  // the merge reads no split past a row's context
-    if (counted && arrive_last(a)) merge_group<T, D>(a, si, row0, nrows, kvh, C::kThreads);
+    if (counted) count_split(a);
     return;
   }
   const int n_steps = (tok_end - tok_begin + C::kStep - 1) / C::kStep;
@@ -592,7 +491,14 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
     const int rr = row0 + r, i = rr / G, h = kvh * G + rr % G;
     const int64_t tok = si.q0 + i;
     if (a.splits == 1) {
-      store_out<T>(a, si, row0, kvh, r, c, o, lse2);
+      T* op = static_cast<T*>(a.out) + tok * a.o_tok + h * a.o_head + c * 8;
+      uint4 packed;
+      packed.x = pack2<T>(o[0], o[1]);
+      packed.y = pack2<T>(o[2], o[3]);
+      packed.z = pack2<T>(o[4], o[5]);
+      packed.w = pack2<T>(o[6], o[7]);
+      store8(op, packed, a.o_vec16);
+      if (a.lse && c == 0) a.lse[int64_t(h) * a.total_q + tok] = lse2 * kLn2;
     } else {
       const int64_t prow = int64_t(split) * rows_total + tok * a.num_q_heads + h;
       float4* dst = reinterpret_cast<float4*>(a.part_o + prow * D + c * 8);
@@ -601,19 +507,20 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
       if (c == 0) a.part_lse[prow] = lse2;
     }
   }
-  if (counted && arrive_last(a)) merge_group<T, D>(a, si, row0, nrows, kvh, C::kThreads);
+  if (counted) count_split(a);
 }
 
-// f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned).
+// f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned),
+// through L2: other SMs store them while the merge grid runs.
 template <int N>
 __device__ __forceinline__ void ld_f32(const float* p, float (&x)[N]) {
   if constexpr (N == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
     x[0] = v.x, x[1] = v.y;
   } else {
 #pragma unroll
     for (int k = 0; k < N / 4; ++k) {
-      const float4 v = reinterpret_cast<const float4*>(p)[k];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p) + k);
       x[4 * k] = v.x, x[4 * k + 1] = v.y, x[4 * k + 2] = v.z, x[4 * k + 3] = v.w;
     }
   }
@@ -639,10 +546,34 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
   // that grid still runs, so only one L2 round trip follows the wait.
   const SeqInfo si = seq_info(a, s);
   if (!si.ok || rr >= si.q_len * a.num_q_heads) return;  // uniform over the CTA
-#if __CUDA_ARCH__ >= 900
-  if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int i = rr / a.num_q_heads, h = rr % a.num_q_heads;
+  // The decode CTAs of this row's group (sequence, kv head, 16-row tile) each
+  // add 1 to its counter once their rows are stored; the group's merge CTAs
+  // (one per row of the tile) wait for `splits`, then add 1 each, and the
+  // last re-zeroes it for the next call (every add of this call has landed).
+  unsigned int* ctr = nullptr;
+  unsigned int ctr_last = 0;
+  if (a.counters) {
+    const int G = a.group, trow = i * G + h % G, rt = trow / kPagedRows;
+    const int tile_rows = min(kPagedRows, si.q_len * G - rt * kPagedRows);
+    ctr = a.counters + (int64_t(s) * a.num_kv_heads + h / G) * a.row_tiles + rt;
+    ctr_last = unsigned(a.splits + tile_rows - 1);
+    if (threadIdx.x == 0) {
+      // Every decode CTA of the group has started (the merge grid launches
+      // only then) and waits on nothing, so the count completes. The bound
+      // (seconds) only turns a broken count into an error instead of a hang.
+      for (uint32_t polls = 0; ld_acquire(ctr) < unsigned(a.splits); ++polls)
+        if (polls == (1u << 24)) {
+          raise_index_error(a.error_flag);
+          break;
+        }
+    }
+    __syncthreads();  // thread 0's acquire orders the partial loads of all
+  } else {
+#if __CUDA_ARCH__ >= 900
+    if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  }
   const int vis = si.ctx - si.q_len + i + 1;
   const int n = min(a.splits, (vis + a.chunk - 1) / a.chunk);
   const int per = (n + 3) / 4;
@@ -668,7 +599,11 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
     }
   };
   load_batch(0);
-  const float lj = lane < cnt ? a.part_lse[int64_t(j0 + lane) * rows_total + row] : -INFINITY;
+  const float lj =
+      lane < cnt ? __ldcg(a.part_lse + int64_t(j0 + lane) * rows_total + row) : -INFINITY;
+  // This CTA's count goes out behind its loads; its answer is needed only at the end.
+  unsigned int ctr_prev = 0;
+  if (ctr && threadIdx.x == 0) ctr_prev = atomicAdd(ctr, 1u);
   const float wmax = warp_max(lj);
   if (lane == 0) red_m[warp] = wmax;
   __syncthreads();
@@ -702,6 +637,7 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
     op[d] = from_f32<T>((red_o[0][d] + red_o[1][d] + red_o[2][d] + red_o[3][d]) * inv);
   if (a.lse && threadIdx.x == 0)
     a.lse[int64_t(h) * a.total_q + tok] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
+  if (ctr && threadIdx.x == 0 && ctr_prev == ctr_last) *ctr = 0u;
 }
 
 size_t split_bytes(int64_t total_q, int64_t num_q_heads, int64_t head_dim) {
@@ -711,8 +647,8 @@ size_t split_bytes(int64_t total_q, int64_t num_q_heads, int64_t head_dim) {
 // Overrides for the tuning harness (paged_tune.cu); the library passes none.
 struct PagedTuning {
   int splits = 0;            // > 0: this many splits (the workspace permitting)
-  bool skip_merge = false;   // time the decode kernel alone (with merge_kernel)
-  bool merge_kernel = false; // merge in a second kernel (v2b) instead of the last CTA
+  bool skip_merge = false;   // time the decode kernel alone (no counters then)
+  bool no_counters = false;  // the merge waits for the whole decode grid (v2b)
 };
 
 template <typename T, int D>
@@ -759,13 +695,13 @@ tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, con
     a.part_o = static_cast<float*>(workspace);
     a.part_lse = a.part_o + splits * a.total_q * a.num_q_heads * D;
     // choose_splits splits only grids of fewer CTAs than SMs: one counter each.
-    if (!tune.merge_kernel && base_ctas <= kPagedCounters) a.counters = l.paged_counters;
+    if (!tune.no_counters && !tune.skip_merge && base_ctas <= kPagedCounters)
+      a.counters = l.paged_counters;
   }
-  const bool merge_kernel = splits > 1 && !a.counters;
-  a.pdl = merge_kernel && !l.portable && l.sm_major >= 9 && !tune.skip_merge;
+  a.pdl = splits > 1 && !l.portable && l.sm_major >= 9 && !tune.skip_merge;
   kernel<<<dim3(unsigned(base_ctas), unsigned(splits)), C::kThreads, C::kSmemBytes, l.stream>>>(a);
   TK_TRY(check_launch("paged_attention"));
-  if (merge_kernel && !tune.skip_merge) {
+  if (splits > 1 && !tune.skip_merge) {
     const int64_t rows = int64_t(a.num_seqs) * a.max_q_len * a.num_q_heads;
     if (rows > INT_MAX) return fail(TK_ERR_UNSUPPORTED, "paged_attention: merge grid too large");
     cudaLaunchConfig_t cfg{};

@@ -3,8 +3,8 @@
 // shuffled order) the way the bench does (read-pass L2 flush, then cudaEvents
 // around the op, median), for the kernel before this change ("v2b", commit
 // dd71f16: merge kernel), the current one at its own choices and at forced
-// ones (splits, merge by the last CTA or by the merge kernel), the decode
-// kernel without its merge, and two floors: an empty kernel and one read pass over
+// ones (splits; merge CTAs waiting on their group's counter or on the whole
+// decode grid), the decode kernel without its merge, and two floors: an empty kernel and one read pass over
 // the same KV bytes. Every variant's output is compared with v2b's.
 //
 //   git show dd71f16:src/cuda/paged_attention.cu > /tmp/paged_v2b.cu
@@ -225,10 +225,10 @@ int main() {
   };
   const std::vector<Shape> shapes = {
       {1, 4096,
-       {{"last CTA merges, 16 splits", {16, false, false}},
-        {"last CTA merges, 64 splits", {64, false, false}},
-        {"merge kernel, 32 splits (v2b's way)", {32, false, true}},
-        {"merge kernel, 16 splits", {16, false, true}},
+       {{"counters, 16 splits", {16, false, false}},
+        {"counters, 64 splits", {64, false, false}},
+        {"merge waits for the grid, 32 (v2b)", {32, false, true}},
+        {"merge waits for the grid, 16", {16, false, true}},
         {"decode only, 32 splits", {32, true, true}}}},
       {32, 4096, {}},
       {64, 8192, {}},
