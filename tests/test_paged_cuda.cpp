@@ -57,12 +57,13 @@ std::vector<Case> paged_cuda_cases() {
 }
 
 #if TK_TEST_CUDA
-// Each call must stand alone: on sm_90 the splits merge inside their cluster,
-// elsewhere through the workspace and a second kernel. On a CUDA context the
-// call runs once, then three times back to back with the outputs poisoned
-// before each, then twice as the replay of a captured graph (on a stream of
-// its own); every run must give the first one's bytes. The harness then
-// compares the last run's outputs with the reference.
+// Each call must stand alone and be capturable: a split call stores partial
+// rows in the workspace and merges them in a second kernel (on sm_90 a
+// programmatic dependent launch). On a CUDA context the call runs once, then
+// three times back to back with the outputs poisoned before each, then twice
+// as the replay of a captured graph (on a stream of its own); every run must
+// give the first one's bytes. The harness then compares the last run's
+// outputs with the reference.
 class PagedRepeatTest : public PagedTest {
  public:
   using PagedTest::PagedTest;
@@ -128,12 +129,12 @@ std::vector<Case> paged_repeat_cases() {
   using Seqs = std::vector<std::pair<int64_t, int64_t>>;
   std::vector<Case> cases;
   auto push = [&](PagedShape p) { cases.push_back(make_case<PagedRepeatTest>(p)); };
-  // The bench's B1 decode (16 splits of 256 tokens, a 16-CTA cluster on sm_90).
+  // The bench's B1 decode (32 splits of 128 tokens on an H100).
   PagedShape b1{TK_BF16, 32, 8, 128, 16, Seqs{{1, 4096}}, false, true};
   b1.lse = true;
   push(b1);
   // Odd contexts: splits that end mid-step, sequences that end in an early
-  // split (the later CTAs of their cluster run no step), 3 and 13 splits.
+  // split (the later splits run no step and the merge skips them), 3 and 14 splits.
   PagedShape odd{TK_F16, 8, 2, 64, 8, Seqs{{1, 3001}, {1, 17}, {1, 1}, {1, 130}}, true, true};
   push(odd);
   push(PagedShape{TK_BF16, 4, 1, 128, 16, Seqs{{1, 130}}, false, true});

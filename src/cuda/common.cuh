@@ -20,18 +20,10 @@ __device__ inline void raise_index_error(unsigned int* flag) {
   if (flag) atomicOr(flag, 1u);
 }
 
-// Zeroed words of the context for kernels whose CTAs count their arrivals
-// (paged_attention: one per split group, of which a split launch has fewer
-// than SMs). Each kernel re-zeroes what it used before it ends, so the words
-// stay zero between calls: calls on one context must not overlap (they are
-// ordered on its stream), and nothing is allocated or cleared per call.
-constexpr int kPagedCounters = 1024;
-
 // Everything a launcher needs besides its params: stream and error flag.
 struct Launch {
   cudaStream_t stream;
   unsigned int* error_flag;
-  unsigned int* paged_counters;  // device memory, kPagedCounters zeros
   int num_sms;
   int sm_major, sm_minor;
   int smem_optin;  // the most dynamic shared memory one block may opt in to (bytes)

@@ -40,10 +40,6 @@ class CudaBackend final : public Backend {
         (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess ||
         (e = cudaMalloc(&b->launch_.error_flag, sizeof(unsigned int))) != cudaSuccess ||
         (e = cudaMemset(b->launch_.error_flag, 0, sizeof(unsigned int))) != cudaSuccess ||
-        (e = cudaMalloc(&b->launch_.paged_counters, cuda::kPagedCounters * sizeof(unsigned int))) !=
-            cudaSuccess ||
-        (e = cudaMemset(b->launch_.paged_counters, 0, cuda::kPagedCounters * sizeof(unsigned int))) !=
-            cudaSuccess ||
         (e = cudaMalloc(&b->launch_.blas_workspace, kBlasWorkspaceBytes)) != cudaSuccess) {
       cuda_fail("CUDA backend initialisation", e);
       return nullptr;
@@ -55,13 +51,6 @@ class CudaBackend final : public Backend {
     }
     const char* portable = std::getenv("TK_CUDA_PORTABLE");
     b->launch_.portable = portable && *portable && std::strcmp(portable, "0") != 0;
-    // TK_PAGED_COUNTERS=0: paged_attention's merge waits for the whole decode
-    // grid instead of its group's count (A/B and tests of that path).
-    const char* counters = std::getenv("TK_PAGED_COUNTERS");
-    if (counters && std::strcmp(counters, "0") == 0) {
-      cudaFree(b->launch_.paged_counters);
-      b->launch_.paged_counters = nullptr;
-    }
     b->name_ = prop.name;
     b->launch_.stream = nullptr;
     b->launch_.num_sms = prop.multiProcessorCount;
@@ -74,7 +63,6 @@ class CudaBackend final : public Backend {
     if (launch_.blas) cublasLtDestroy(launch_.blas);
     if (launch_.blas_workspace) cudaFree(launch_.blas_workspace);
     if (launch_.error_flag) cudaFree(launch_.error_flag);
-    if (launch_.paged_counters) cudaFree(launch_.paged_counters);
   }
 
   tk_backend kind() const override { return TK_BACKEND_CUDA; }

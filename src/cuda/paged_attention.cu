@@ -11,10 +11,7 @@
 // each chunk writes a normalised partial output and its log2-sum-exp, and a
 // second kernel merges them. On Hopper the merge is a programmatic dependent
 // launch: its CTAs are resident before the decode grid ends, so the launch gap
-// between the two kernels leaves the critical path. Each split counts itself
-// on its group's counter (Launch::paged_counters) once its partial rows are
-// stored, and a merge CTA starts as soon as its group's count is complete,
-// instead of waiting for the whole decode grid to end and flush.
+// between the two kernels leaves the critical path.
 #include <algorithm>
 #include <climits>
 
@@ -47,11 +44,6 @@ struct PagedArgs {
   int splits, chunk;  // chunk: tokens per split
   float* part_o;      // [splits, total_q * Hq, D] when splits > 1
   float* part_lse;    // [splits, total_q * Hq], log2 domain
-  // [grid.x] zeros when splits > 1 (Launch::paged_counters): the decode CTAs
-  // of a group each add 1 once their rows are stored, the group's merge CTAs
-  // wait for `splits`, add 1 each, and the last one re-zeroes it. Null: the
-  // merge waits for the whole decode grid (griddepcontrol.wait).
-  unsigned int* counters;
   bool q_vec16, o_vec16, kv_vec16;
   // The merge kernel is a programmatic dependent launch (sm_90, not portable):
   // its CTAs start while the decode grid runs and wait for it in-kernel.
@@ -157,25 +149,6 @@ __device__ __forceinline__ uint32_t tile_off(int r, int c) {
   return uint32_t(r * (D * 2) + ((c ^ (r & 7)) << 4));
 }
 
-// Release / acquire on a group counter (gpu scope; plain sm_70 PTX).
-__device__ __forceinline__ void red_release_add(unsigned int* p, unsigned int v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// A decode CTA of a split group: its partial rows (if any) are stored; count
-// it. Uniform over the CTA. The barrier orders every thread's stores before
-// thread 0's release (cumulative at gpu scope): no full fence, which cost
-// ~2 us at B1 (run 5).
-__device__ __forceinline__ void count_split(const PagedArgs& a) {
-  __syncthreads();
-  if (threadIdx.x == 0) red_release_add(a.counters + blockIdx.x, 1u);
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kCtasPerSm)
     paged_decode_kernel(const PagedArgs a) {
@@ -183,8 +156,8 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   constexpr int kK = D / 16;  // k-steps of Q.K^T, n-tile pairs of P.V
   extern __shared__ __align__(128) unsigned char smem[];
 #if __CUDA_ARCH__ >= 900
-  // The merge CTAs become resident at once; each then waits for its own
-  // group's count (or, without counters, for this whole grid to end and flush).
+  // The merge's griddepcontrol.wait still waits for this whole grid to finish
+  // and flush; triggering at once only takes its launch off the critical path.
   if (a.pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -210,7 +183,7 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   int32_t ids_cur = fetch_ids(0), ids_next = fetch_ids(1);
 
   const SeqInfo si = seq_info(a, s);
-  if (!si.ok) {  // no merge CTA of this sequence waits
+  if (!si.ok) {
     if (threadIdx.x == 0 && rt == 0 && kvh == 0 && split == 0) raise_index_error(a.error_flag);
     return;
   }
@@ -218,15 +191,11 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
   const int G = a.group;
   const int row0 = rt * C::kRows;
   const int nrows = min(C::kRows, si.q_len * G - row0);
-  if (nrows <= 0) return;  // a row tile past the sequence's rows: no merge CTA either
-  const bool counted = a.splits > 1 && a.counters;
+  if (nrows <= 0) return;
   // Query i of the sequence sees positions [0, ctx - q_len + i].
   const int first_vis = si.ctx - si.q_len + 1;
   const int tok_end = min(tok_begin + a.chunk, first_vis + (row0 + nrows - 1) / G);
-  if (tok_begin >= tok_end) {  // the merge reads no split past a row's context
-    if (counted) count_split(a);
-    return;
-  }
+  if (tok_begin >= tok_end) return;  // the merge reads no split past a row's context
   const int n_steps = (tok_end - tok_begin + C::kStep - 1) / C::kStep;
   const int my_steps = (n_steps - warp + C::kWarps - 1) / C::kWarps;
 
@@ -507,20 +476,18 @@ __global__ void __launch_bounds__(DecodeConfig<D>::kThreads, DecodeConfig<D>::kC
       if (c == 0) a.part_lse[prow] = lse2;
     }
   }
-  if (counted) count_split(a);
 }
 
-// f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned),
-// through L2: other SMs store them while the merge grid runs.
+// f32 vector loads of N = 2, 4 or 8 consecutive floats (N * 4-byte aligned).
 template <int N>
 __device__ __forceinline__ void ld_f32(const float* p, float (&x)[N]) {
   if constexpr (N == 2) {
-    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
+    const float2 v = *reinterpret_cast<const float2*>(p);
     x[0] = v.x, x[1] = v.y;
   } else {
 #pragma unroll
     for (int k = 0; k < N / 4; ++k) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(p) + k);
+      const float4 v = reinterpret_cast<const float4*>(p)[k];
       x[4 * k] = v.x, x[4 * k + 1] = v.y, x[4 * k + 2] = v.z, x[4 * k + 3] = v.w;
     }
   }
@@ -546,34 +513,10 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
   // that grid still runs, so only one L2 round trip follows the wait.
   const SeqInfo si = seq_info(a, s);
   if (!si.ok || rr >= si.q_len * a.num_q_heads) return;  // uniform over the CTA
-  const int i = rr / a.num_q_heads, h = rr % a.num_q_heads;
-  // The decode CTAs of this row's group (sequence, kv head, 16-row tile) each
-  // add 1 to its counter once their rows are stored; the group's merge CTAs
-  // (one per row of the tile) wait for `splits`, then add 1 each, and the
-  // last re-zeroes it for the next call (every add of this call has landed).
-  unsigned int* ctr = nullptr;
-  unsigned int ctr_last = 0;
-  if (a.counters) {
-    const int G = a.group, trow = i * G + h % G, rt = trow / kPagedRows;
-    const int tile_rows = min(kPagedRows, si.q_len * G - rt * kPagedRows);
-    ctr = a.counters + (int64_t(s) * a.num_kv_heads + h / G) * a.row_tiles + rt;
-    ctr_last = unsigned(a.splits + tile_rows - 1);
-    if (threadIdx.x == 0) {
-      // Every decode CTA of the group has started (the merge grid launches
-      // only then) and waits on nothing, so the count completes. The bound
-      // (seconds) only turns a broken count into an error instead of a hang.
-      for (uint32_t polls = 0; ld_acquire(ctr) < unsigned(a.splits); ++polls)
-        if (polls == (1u << 24)) {
-          raise_index_error(a.error_flag);
-          break;
-        }
-    }
-    __syncthreads();  // thread 0's acquire orders the partial loads of all
-  } else {
 #if __CUDA_ARCH__ >= 900
-    if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (a.pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  }
+  const int i = rr / a.num_q_heads, h = rr % a.num_q_heads;
   const int vis = si.ctx - si.q_len + i + 1;
   const int n = min(a.splits, (vis + a.chunk - 1) / a.chunk);
   const int per = (n + 3) / 4;
@@ -599,11 +542,7 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
     }
   };
   load_batch(0);
-  const float lj =
-      lane < cnt ? __ldcg(a.part_lse + int64_t(j0 + lane) * rows_total + row) : -INFINITY;
-  // This CTA's count goes out behind its loads; its answer is needed only at the end.
-  unsigned int ctr_prev = 0;
-  if (ctr && threadIdx.x == 0) ctr_prev = atomicAdd(ctr, 1u);
+  const float lj = lane < cnt ? a.part_lse[int64_t(j0 + lane) * rows_total + row] : -INFINITY;
   const float wmax = warp_max(lj);
   if (lane == 0) red_m[warp] = wmax;
   __syncthreads();
@@ -637,7 +576,6 @@ __global__ void __launch_bounds__(128) paged_merge_kernel(const PagedArgs a) {
     op[d] = from_f32<T>((red_o[0][d] + red_o[1][d] + red_o[2][d] + red_o[3][d]) * inv);
   if (a.lse && threadIdx.x == 0)
     a.lse[int64_t(h) * a.total_q + tok] = sum > 0.f ? (mx + __log2f(sum)) * kLn2 : -INFINITY;
-  if (ctr && threadIdx.x == 0 && ctr_prev == ctr_last) *ctr = 0u;
 }
 
 size_t split_bytes(int64_t total_q, int64_t num_q_heads, int64_t head_dim) {
@@ -646,9 +584,8 @@ size_t split_bytes(int64_t total_q, int64_t num_q_heads, int64_t head_dim) {
 
 // Overrides for the tuning harness (paged_tune.cu); the library passes none.
 struct PagedTuning {
-  int splits = 0;            // > 0: this many splits (the workspace permitting)
-  bool skip_merge = false;   // time the decode kernel alone (no counters then)
-  bool no_counters = false;  // the merge waits for the whole decode grid (v2b)
+  int splits = 0;           // > 0: this many splits (the workspace permitting)
+  bool skip_merge = false;  // time the decode kernel alone
 };
 
 template <typename T, int D>
@@ -694,9 +631,6 @@ tk_status launch_paged(PagedArgs a, size_t workspace_bytes, void* workspace, con
   if (splits > 1) {
     a.part_o = static_cast<float*>(workspace);
     a.part_lse = a.part_o + splits * a.total_q * a.num_q_heads * D;
-    // choose_splits splits only grids of fewer CTAs than SMs: one counter each.
-    if (!tune.no_counters && !tune.skip_merge && base_ctas <= kPagedCounters)
-      a.counters = l.paged_counters;
   }
   a.pdl = splits > 1 && !l.portable && l.sm_major >= 9 && !tune.skip_merge;
   kernel<<<dim3(unsigned(base_ctas), unsigned(splits)), C::kThreads, C::kSmemBytes, l.stream>>>(a);

@@ -1,16 +1,18 @@
 // Scratch A/B timing of paged_attention.cu (not built by CMake). Times the
 // bench's three decode shapes (Hq 32, Hkv 8, D 128, page 16, bf16, pages in
 // shuffled order) the way the bench does (read-pass L2 flush, then cudaEvents
-// around the op, median), for the kernel before this change ("v2b", commit
-// dd71f16: merge kernel), the current one at its own choices and at forced
-// ones (splits; merge CTAs waiting on their group's counter or on the whole
-// decode grid), the decode kernel without its merge, and two floors: an empty kernel and one read pass over
-// the same KV bytes. Every variant's output is compared with v2b's.
+// around the op, median), for a reference version ("v2b", commit dd71f16:
+// built from its own copy of the file, so a change is timed against it in one
+// binary) and this tree's at its own choices and at forced split counts, the
+// decode kernel without its merge, and two floors: an empty kernel and one
+// read pass over the same KV bytes. Every output is compared with v2b's.
+// paged_tune.sh builds and runs it in one device call.
 //
-//   git show dd71f16:src/cuda/paged_attention.cu > /tmp/paged_v2b.cu
+//   git show dd71f16:src/cuda/paged_attention.cu > src/cuda/attention/paged_v2b.cu
 //   F="-O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Iinclude -Isrc"
 //   nvcc $F -Dpaged_attention=paged_attention_v2b \
-//     -Dpaged_attention_workspace_size=paged_attention_workspace_size_v2b -c /tmp/paged_v2b.cu -o /tmp/v2b.o
+//     -Dpaged_attention_workspace_size=paged_attention_workspace_size_v2b \
+//     -c src/cuda/attention/paged_v2b.cu -o /tmp/v2b.o
 //   nvcc $F src/cuda/attention/paged_tune.cu /tmp/v2b.o -o paged_tune
 #include <algorithm>
 #include <cmath>
@@ -181,8 +183,6 @@ int main() {
   l.sm_minor = prop.minor;
   l.smem_optin = int(prop.sharedMemPerBlockOptin);
   l.portable = false;
-  CK(cudaMalloc(&l.paged_counters, kPagedCounters * sizeof(unsigned)));
-  CK(cudaMemset(l.paged_counters, 0, kPagedCounters * sizeof(unsigned)));
   const tk::tune::Timer timer(sms, st);
   auto time = [&](const char* name, double bytes, auto&& fn) {
     fn();
@@ -225,11 +225,11 @@ int main() {
   };
   const std::vector<Shape> shapes = {
       {1, 4096,
-       {{"counters, 16 splits", {16, false, false}},
-        {"counters, 64 splits", {64, false, false}},
-        {"merge waits for the grid, 32 (v2b)", {32, false, true}},
-        {"merge waits for the grid, 16", {16, false, true}},
-        {"decode only, 32 splits", {32, true, true}}}},
+       {{"16 splits", {16, false}},
+        {"32 splits", {32, false}},
+        {"64 splits", {64, false}},
+        {"decode only, 16 splits", {16, true}},
+        {"decode only, 32 splits", {32, true}}}},
       {32, 4096, {}},
       {64, 8192, {}},
   };
@@ -252,13 +252,6 @@ int main() {
     lp.portable = true;
     time("new default, portable", pr.kv_bytes, [&] { paged_attention(pr.p, lp); });
     compare(pr, "portable");
-    {  // counters zero again after the calls
-      std::vector<unsigned> ctr(kPagedCounters);
-      CK(cudaMemcpy(ctr.data(), l.paged_counters, ctr.size() * 4, cudaMemcpyDeviceToHost));
-      int nonzero = 0;
-      for (unsigned v : ctr) nonzero += v != 0;
-      std::printf("    counters left non-zero: %d\n", nonzero);
-    }
     for (const Variant& v : s.v) {
       time(v.name, pr.kv_bytes, [&] { run_v2(p2, l, v.t); });
       if (!v.t.skip_merge) compare(pr, v.name);
