@@ -2,7 +2,8 @@
 // activations, 16-byte aligned rows: src/cuda/qgemm_int4.cu; the other
 // backends run them too, against the same reference). That kernel tiles 128
 // weight rows x 32 tokens (T <= 32) or 64 tokens and streams K in stages of
-// 128 through a ring up to 4 deep, so these cover: partial row tiles (odd N),
+// 128 through a ring up to 4 deep (on Hopper, T > 32: the wgmma kernel, 64
+// tokens, a ring up to 7 deep), so these cover: partial row tiles (odd N),
 // partial token tiles and several of them (T 9, 17, 33, 64, 100, 130), K with a
 // partial last stage (K % 128 of 32, 64, 96) and K long enough to wrap the
 // ring, every group size, zero points and symmetric, both scale dtypes, both

@@ -30,7 +30,10 @@
 // dropped); the 32-k quarters past K (K a multiple of 32, not of 128) are
 // zero-filled in both x and W, so they add 0 (the scale read for them is a
 // real one, clamped to the last group).
-// sm_80 instructions only (cp.async, mma.sync): also the portable path.
+// qgemm_int4_kernel: sm_80 instructions only (cp.async, mma.sync), the portable
+// path and T <= 32 everywhere. On Hopper (sm_90a builds, not TK_CUDA_PORTABLE)
+// T > 32 takes qgemm_int4_sm90_kernel below: the same tiling on wgmma.
+#include "cuda/attention/hopper.cuh"
 #include "cuda/attention/primitives.cuh"
 #include "cuda/ops.h"
 #include "cuda/qmma.cuh"
@@ -326,6 +329,320 @@ __global__ void __launch_bounds__(kQgThreads, 1)
                      t0 + tb + 8 * nt, N, T);
 }
 
+#if defined(TK_CUDA_SM90A)  // builds with sm_90a code only (cmake/cuda.cmake)
+// ---------------------------------------------------------------------------
+// Hopper (sm_90a): the same tiling on wgmma. A block of 2 warpgroups owns 128
+// weight rows x 64 tokens; warpgroup wg computes rows 64 wg .. 64 wg + 63 as
+// one wgmma m64n64k16 per k16 step, A = the dequantised codes in registers
+// (warp w of the warpgroup: rows 16 w + g, + 8, the mma.sync A fragment the
+// decode kernels build, so qmma_dequant_word is reused as is), B = x from
+// shared memory. Why: wgmma's tensor rate is the H100's full one (mma.sync's
+// is lower), a warp dequantises only its own 16 rows (qgemm_int4_kernel: two
+// warps per row, one per token half), and B is read from shared memory once
+// per warpgroup (there: by 4 warps per token, 64 KB per stage). Measured at
+// [64x4096] -> 14336 g128 (tune/qg_tune.cu, H100): 47.0 -> 36.9 us.
+//
+// B must hold, in k slot s of each k16 step, the x element that A's code in
+// slot s multiplies: the qmma.cuh pairing permutes k inside each 32-k
+// quarter (mma 2w + h, lane t4: slots 2 t4, 2 t4 + 1 <- k 8 t4 + 2 h, + 4;
+// slots 2 t4 + 8, + 9 <- k 8 t4 + 2 h + 1, + 5). x lands in the 128-byte
+// swizzled K-major layout wgmma reads (16-byte chunk c of token row r at
+// chunk c ^ (r % 8); 64 k per 8 KB atom), and one stage ahead of its use the
+// block rewrites each token's quarter in place: chunk 2h + hi, word t4 =
+// qmma_b_frags(input chunk t4) word 2h + hi (a 4 x 4 transpose of 4-byte
+// words). The stage's W and scales keep qgemm_int4_kernel's layout.
+//
+// Per stage c: barrier; dequantise and issue stage c's wgmmas (one group per
+// commit); while they run, permute stage c + 1 and issue the copies of stage
+// c + stages - 1; wait; apply the group scales in f32 (as above). Each
+// stage's scale loads are stored to shared memory an iteration later, so no
+// thread waits for a global load inside the iteration it was issued in.
+// Groups of 32 / 64 serialise the later groups of a stage (wait per group).
+constexpr int kQhTokens = 64;
+constexpr int kQhMaxStages = 7;
+constexpr int kQhStages = 7;  // the library's ring depth (tune/qg_tune.cu: 3 to 7 stages)
+
+struct QhShape {
+  static constexpr uint32_t kX = kQhTokens * kQgK * 2;  // two 8 KB atoms (k 0..63, 64..127)
+  static constexpr uint32_t kW = kQgRows * kQgK / 2;
+  static constexpr uint32_t kS = kQgRows * 4 * 8;
+  static constexpr uint32_t kStage = kX + kW + kS;  // 28 KB: a multiple of the 1024-byte swizzle span
+  static_assert(kStage % 1024 == 0, "stage alignment");
+};
+
+#if TK_SM90A
+// d[64 rows x 64 tokens] (+)= A[64 x 16] . B[16 x 64]; A in registers, B K-major
+// (128-byte swizzle) in shared memory; accumulate = 0 overwrites d.
+template <class Ta>
+__device__ __forceinline__ void qh_wgmma(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+#define QH_D_OPS                                                                                           \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define QH_D_STR                                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+  if constexpr (std::is_same_v<Ta, __half>)
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                 " wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " QH_D_STR
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : QH_D_OPS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+  else
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                 " wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " QH_D_STR
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : QH_D_OPS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+#undef QH_D_OPS
+#undef QH_D_STR
+}
+#endif
+
+// kExp (tune/qg_tune.cu only, else 0): bit 0 puts the next stage's copies and
+// scale loads before the x permutation (the first version's order); the
+// others drop work to attribute time (wrong results): 2 the x permutation,
+// 4 the x copies, 8 the W copies, 16 the dequantisation and wgmmas.
+template <class Ta, int kQpg, int kExp = 0>
+__global__ void __launch_bounds__(kQgThreads, 1)
+    qgemm_int4_sm90_kernel(tk_qmatmul_int4_params p, int stages, unsigned t_tiles) {
+#if TK_SM90A
+  using S = QhShape;
+  using namespace attn::sm90;
+  using attn::cp_async16;
+  using attn::ld_shared16;
+  using attn::st_shared16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t N = p.w.N, K = p.w.K, T = p.T;
+  constexpr int gshift = kQpg == 1 ? 5 : kQpg == 2 ? 6 : 7;
+  constexpr int kGroups = 4 / kQpg;  // per stage
+  const int64_t ngroups = K >> gshift;
+  const bool bf16s = p.w.scale_dtype == TK_BF16;
+  const unsigned t_tile = blockIdx.x % t_tiles, n_tile = blockIdx.x / t_tiles;
+  const int64_t n0 = int64_t(n_tile) * kQgRows, t0 = int64_t(t_tile) * kQhTokens;
+  const int chunks = int((K + kQgK - 1) / kQgK);
+  const uint32_t sbase = (attn::smem_addr(smem) + 1023u) & ~1023u;  // the swizzle pattern repeats every 1024 B
+  const uint16_t* scales = static_cast<const uint16_t*>(p.w.scales);
+  const uint8_t* zeros = p.w.zeros;
+
+  {  // the block's scales and zero codes into L2 (as qgemm_int4_kernel)
+    const int64_t rows = std::min<int64_t>(kQgRows, N - n0);
+    const char* sb = reinterpret_cast<const char*>(scales + n0 * ngroups);
+    for (int64_t off = int64_t(tid) * 128; off < rows * ngroups * 2; off += kQgThreads * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
+    if (zeros)
+      for (int64_t off = int64_t(tid) * 128; off < rows * ngroups; off += kQgThreads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + n0 * ngroups + off));
+  }
+
+  // Copies: W piece i = tid + 256 j: row i / 4, quarter i % 4 (qg_wchunk);
+  // x piece i = tid + 256 j: token i / 16, chunk i % 16 (16 lanes per token row).
+  const uint8_t* wsrc[2];
+  uint32_t wdst[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int i = tid + kQgThreads * j, row = i >> 2, q = i & 3;
+    wsrc[j] = p.w.packed + std::min(n0 + row, N - 1) * (K / 2) + 16 * q;
+    wdst[j] = S::kX + qg_wchunk(uint32_t(row), uint32_t(q));
+  }
+  const char* xsrc[4];
+  uint32_t xdst[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = tid + kQgThreads * j, tok = i >> 4, c = i & 15;
+    xsrc[j] = static_cast<const char*>(p.x) +
+              (std::min(t0 + tok, T - 1) * p.x_stride + 8 * c) * int64_t(sizeof(Ta));
+    xdst[j] = uint32_t(c >> 3) * 8192 + uint32_t(tok) * 128 + ((uint32_t(c & 7) ^ uint32_t(tok & 7)) * 16);
+  }
+  const auto issue = [&](int chunk, int slot) {
+    const int64_t k0 = int64_t(chunk) * kQgK;
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage;
+    if constexpr (!(kExp & 8)) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool valid = k0 + 32 * ((tid + kQgThreads * j) & 3) < K;
+        cp_async16(base + wdst[j], valid ? wsrc[j] + k0 / 2 : wsrc[j], valid);
+      }
+    }
+    if constexpr (!(kExp & 4)) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const bool valid = k0 + 8 * ((tid + kQgThreads * j) & 15) < K;
+        cp_async16(base + xdst[j], valid ? xsrc[j] + k0 * int64_t(sizeof(Ta)) : xsrc[j], valid);
+      }
+    }
+  };
+  struct Raw {
+    uint32_t s[2], z[2];
+  };
+  const auto load_scales = [&](int chunk, Raw& raw) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
+      const int64_t n = std::min(n0 + row, N - 1);
+      const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
+      raw.z[j] = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
+      raw.s[j] = uint32_t(__ldg(scales + n * ngroups + grp));
+    }
+  };
+  const auto store_scales = [&](int slot, const Raw& raw) {
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kX + S::kW;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw.s[j]), bf16s)),
+                 raw.z[j]);
+  };
+  // The permutation of one stage's x: this thread rewrites quarter pq of token
+  // prow (a quarter-warp's 8 lanes are 8 tokens of one quarter: with the
+  // swizzle, 8 different 16-byte bank groups).
+  const int prow = 8 * warp + (lane & 7), pq = lane >> 3;
+  uint32_t paddr[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    paddr[j] = uint32_t(pq >> 1) * 8192 + uint32_t(prow) * 128 +
+               ((uint32_t(4 * (pq & 1) + j) ^ uint32_t(prow & 7)) * 16);
+  const auto permute = [&](int slot) {
+    if constexpr ((kExp & 2) != 0) return;
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage;
+    uint4 r[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r[j] = ld_shared16(base + paddr[j]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r[j] = qmma_b_frags(r[j]);
+    st_shared16(base + paddr[0], make_uint4(r[0].x, r[1].x, r[2].x, r[3].x));
+    st_shared16(base + paddr[1], make_uint4(r[0].y, r[1].y, r[2].y, r[3].y));
+    st_shared16(base + paddr[2], make_uint4(r[0].z, r[1].z, r[2].z, r[3].z));
+    st_shared16(base + paddr[3], make_uint4(r[0].w, r[1].w, r[2].w, r[3].w));
+    fence_proxy_async();  // generic-proxy writes that wgmma (async proxy) reads after the next barrier
+  };
+
+  // Prologue: stages - 1 stages in flight, stage 0 permuted.
+  {
+    Raw raw[kQhMaxStages - 1];
+#pragma unroll
+    for (int s = 0; s < kQhMaxStages - 1; ++s)
+      if (s < stages - 1) {
+        if (s < chunks) {
+          issue(s, s);
+          load_scales(s, raw[s]);
+        }
+        attn::cp_async_commit();
+      }
+#pragma unroll
+    for (int s = 0; s < kQhMaxStages - 1; ++s)
+      if (s < stages - 1 && s < chunks) store_scales(s, raw[s]);
+    switch (stages) {  // this thread's copies of stage 0
+      case 3: attn::cp_async_wait<1>(); break;
+      case 4: attn::cp_async_wait<2>(); break;
+      case 5: attn::cp_async_wait<3>(); break;
+      case 6: attn::cp_async_wait<4>(); break;
+      default: attn::cp_async_wait<5>(); break;
+    }
+    __syncthreads();
+    permute(0);
+  }
+
+  const int wg = warp >> 2, m0 = 64 * wg + 16 * (warp & 3);  // the warp's rows m0 + g, m0 + g + 8
+  const uint32_t wlane = S::kX + uint32_t((m0 + g) * 64 + t4 * 4), wsw = uint32_t((g >> 1) & 3);
+  const uint32_t slane = S::kX + S::kW + uint32_t(m0 + g) * 8;  // + 1024 q (+ 64: row g + 8)
+  const uint32_t xwg = 0;  // both warpgroups multiply the same 64 tokens
+
+  float acc[32] = {};
+  float part[32] = {};
+  Raw raw{};  // scales of stage c + stages - 1, stored (to its slot) in the next iteration
+  int slot = 0;
+  for (int c = 0; c < chunks; ++c) {
+    switch (stages) {  // this thread's copies of stage c + 1
+      case 3: attn::cp_async_wait<0>(); break;
+      case 4: attn::cp_async_wait<1>(); break;
+      case 5: attn::cp_async_wait<2>(); break;
+      case 6: attn::cp_async_wait<3>(); break;
+      default: attn::cp_async_wait<4>(); break;
+    }
+    __syncthreads();  // stage c + 1 landed, stage c permuted, every wgmma of stage c - 1 done
+    const uint32_t base = sbase + uint32_t(slot) * S::kStage;
+    const int cn = c + stages - 1;
+    int nslot = slot + stages - 1;
+    if (nslot >= stages) nslot -= stages;
+    int pslot = slot + 1;
+    if (pslot == stages) pslot = 0;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) {
+      const int q0 = gi * kQpg;  // the group's first quarter
+      const uint2 e0 = ld_shared8(base + slane + uint32_t(q0) * 1024);
+      const uint2 e1 = ld_shared8(base + slane + uint32_t(q0) * 1024 + 64);
+      const QZero z0 = qmma_zero<Ta>(e0.y), z1 = qmma_zero<Ta>(e1.y);
+      uint32_t a[2 * kQpg][4];  // per k16 step of the group
+#pragma unroll
+      for (int qq = 0; qq < kQpg; ++qq) {
+        const uint32_t q = uint32_t(q0 + qq);
+        const uint32_t w0 = ld_shared4(base + wlane + ((q ^ wsw) * 16));
+        const uint32_t w1 = ld_shared4(base + wlane + 512 + ((q ^ wsw) * 16));
+        uint32_t pa[4], pb[4];
+        qmma_dequant_word<Ta>(w0, z0, pa);
+        qmma_dequant_word<Ta>(w1, z1, pb);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          a[2 * qq + h][0] = pa[2 * h];
+          a[2 * qq + h][1] = pb[2 * h];
+          a[2 * qq + h][2] = pa[2 * h + 1];
+          a[2 * qq + h][3] = pb[2 * h + 1];
+        }
+      }
+      reg_fence(part);
+      wgmma_fence();
+      if constexpr (!(kExp & 16)) {
+#pragma unroll
+        for (int s = 0; s < 2 * kQpg; ++s) {
+          const int kk = 2 * q0 + s;  // k16 step of the stage
+          qh_wgmma<Ta>(part, a[s],
+                       smem_desc(base + xwg + uint32_t(kk >> 2) * 8192 + uint32_t(kk & 3) * 32, 16, 1024), s);
+        }
+      } else {
+#pragma unroll
+        for (int s = 0; s < 2 * kQpg; ++s) part[s] += __uint_as_float(a[s][0] ^ a[s][1] ^ a[s][2] ^ a[s][3]);
+      }
+      wgmma_commit();
+      if (gi == 0) {  // under the first group's wgmmas: stage c + 1's permutation and the next copies
+        if (c > 0 && cn - 1 < chunks) store_scales(nslot == 0 ? stages - 1 : nslot - 1, raw);  // loaded an iteration ago
+        // The permutation ends in a proxy fence; it comes before this
+        // iteration's scale loads (the last ones were consumed just above).
+        // After them (kExp & 1, as first written) the kernel took 39.9 us
+        // instead of 36.9 at T 64: the fence seems to wait for the loads.
+        if (!(kExp & 1) && c + 1 < chunks) permute(pslot);
+        if (cn < chunks) {
+          issue(cn, nslot);  // into the slot stage c - 1 used
+          load_scales(cn, raw);
+        }
+        attn::cp_async_commit();
+        if ((kExp & 1) && c + 1 < chunks) permute(pslot);
+      }
+      wgmma_wait<0>();
+      reg_fence(part);
+      const float s0 = __uint_as_float(e0.x), s1 = __uint_as_float(e1.x);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        acc[4 * j + 0] = fmaf(s0, part[4 * j + 0], acc[4 * j + 0]);
+        acc[4 * j + 1] = fmaf(s0, part[4 * j + 1], acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(s1, part[4 * j + 2], acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(s1, part[4 * j + 3], acc[4 * j + 3]);
+      }
+    }
+    slot = pslot;
+  }
+
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float c4[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
+    store_mma_tile(c4, static_cast<Ta*>(p.y), p.y_stride, n0 + m0, t0 + 8 * j, N, T);
+  }
+#endif
+}
+
+#endif  // TK_CUDA_SM90A
+
 template <class Ta, int kNT, int kQpg>
 tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
   using S = QgShape<kNT>;
@@ -348,10 +665,36 @@ tk_status launch_qgemm(const tk_qmatmul_int4_params& p, const Launch& l) {
   return check_launch("qmatmul_int4");
 }
 
+#if defined(TK_CUDA_SM90A)
+template <class Ta, int kQpg, int kExp = 0>
+tk_status launch_qgemm_sm90(const tk_qmatmul_int4_params& p, const Launch& l, int stages = kQhStages) {
+  using S = QhShape;
+  stages = int(std::min<int64_t>(std::min(stages, kQhMaxStages), (int64_t(l.smem_optin) - 1024) / S::kStage));
+  if (stages < 3) return launch_qgemm<Ta, 4, kQpg>(p, l);
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      qgemm_int4_sm90_kernel<Ta, kQpg, kExp>, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_optin);
+  if (attr != cudaSuccess)
+    return fail(TK_ERR_BACKEND, "qmatmul_int4: cannot reserve shared memory: %s", cudaGetErrorString(attr));
+  const int64_t t_tiles = (p.T + kQhTokens - 1) / kQhTokens;
+  const int64_t blocks = (p.w.N + kQgRows - 1) / kQgRows * t_tiles;
+  if (blocks >= (int64_t(1) << 31))
+    return fail(TK_ERR_UNSUPPORTED, "qmatmul_int4: T = %lld x N = %lld is too large for one launch",
+                (long long)p.T, (long long)p.w.N);
+  qgemm_int4_sm90_kernel<Ta, kQpg, kExp><<<unsigned(blocks), kQgThreads, 1024 + size_t(stages) * S::kStage, l.stream>>>(
+      p, stages, unsigned(t_tiles));
+  return check_launch("qmatmul_int4");
+}
+#endif
+
 template <class Ta, int kQpg>
 tk_status launch_qgemm_t(const tk_qmatmul_int4_params& p, const Launch& l) {
-  // 32 tokens per block up to T = 32 (less padding at T 9..32), else 64.
-  return p.T <= 32 ? launch_qgemm<Ta, 2, kQpg>(p, l) : launch_qgemm<Ta, 4, kQpg>(p, l);
+  // 32 tokens per block up to T = 32 (less padding at T 9..32), else 64;
+  // T > 32 on Hopper: the wgmma kernel (sm_90a builds, not TK_CUDA_PORTABLE).
+  if (p.T <= 32) return launch_qgemm<Ta, 2, kQpg>(p, l);
+#if defined(TK_CUDA_SM90A)
+  if (!l.portable && l.sm_major == 9 && l.sm_minor == 0) return launch_qgemm_sm90<Ta, kQpg>(p, l);
+#endif
+  return launch_qgemm<Ta, 4, kQpg>(p, l);
 }
 
 template <class Ta>
