@@ -46,8 +46,9 @@ if [[ $MODE == all || $MODE == bench ]]; then
   $B bench --backend cuda ${BENCH_FILTER:+--filter "$BENCH_FILTER"} ${TK_BENCH_ARGS:-} --json "$OUT/bench${TK_BENCH_TAG:-}.json" > "$OUT/bench${TK_BENCH_TAG:-}.txt" 2> "$OUT/bench${TK_BENCH_TAG:-}.err"
   echo "bench rc=$?"; cat "$OUT/bench${TK_BENCH_TAG:-}.txt"
   # The card's state after the rows: compute-bound rows move with its clocks.
-  nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active \
-    --format=csv | tee -a "$OUT/gpu.txt"
+  q=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu
+  { nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv 2>/dev/null ||
+    nvidia-smi --query-gpu=$q --format=csv; } | tee -a "$OUT/gpu.txt"
 fi
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
