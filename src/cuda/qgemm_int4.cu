@@ -86,6 +86,50 @@ __device__ __forceinline__ void st_shared8(uint32_t addr, uint32_t a, uint32_t b
   asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(addr), "r"(a), "r"(b));
 }
 
+// A block's group scales and zero codes (rows n0 .. n0 + 127, contiguous in
+// both tables): prefetched into L2 at the start, so the per-stage loads hit
+// L2. Per stage, entry e = tid + 256 j (quarter e / 128, row e % 128) is loaded
+// ahead of the stage's compute and stored after it, as {f32 scale, zero code}
+// at byte 8 e of the stage's table. The loaded values stay untouched until the
+// store: an operation on them in the issuing block (packing scale and zero
+// into one register, as the first version did) makes every warp wait there
+// for the global load, between the barrier and the stage's mmas.
+struct QgTables {
+  const uint16_t* scales;
+  const uint8_t* zeros;  // nullptr: symmetric (code 8)
+  int64_t n0, N, ngroups;
+  int gshift;  // log2 of the group size
+  bool bf16s;
+  struct Raw {
+    uint32_t s[2], z[2];
+  };
+  __device__ __forceinline__ void prefetch_l2(int tid) const {
+    const int64_t rows = std::min<int64_t>(kQgRows, N - n0);
+    const char* sb = reinterpret_cast<const char*>(scales + n0 * ngroups);
+    for (int64_t off = int64_t(tid) * 128; off < rows * ngroups * 2; off += kQgThreads * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
+    if (zeros)
+      for (int64_t off = int64_t(tid) * 128; off < rows * ngroups; off += kQgThreads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + n0 * ngroups + off));
+  }
+  __device__ __forceinline__ void load(int chunk, int tid, Raw& raw) const {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
+      const int64_t n = std::min(n0 + row, N - 1);
+      const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
+      raw.z[j] = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
+      raw.s[j] = uint32_t(__ldg(scales + n * ngroups + grp));
+    }
+  }
+  __device__ __forceinline__ void store(uint32_t table, int tid, const Raw& raw) const {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      st_shared8(table + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw.s[j]), bf16s)),
+                 raw.z[j]);
+  }
+};
+
 // c = A B (no accumulator input: the first mma of a group).
 template <class Ta>
 __device__ __forceinline__ void qg_mma0(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -126,17 +170,8 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   const uint16_t* scales = static_cast<const uint16_t*>(p.w.scales);
   const uint8_t* zeros = p.w.zeros;
 
-  // The block's scales and zero codes (rows n0 .. n0 + 127 are contiguous in
-  // both tables) into L2 now, so the per-stage loads below hit L2.
-  {
-    const int64_t rows = std::min<int64_t>(kQgRows, N - n0);
-    const char* sb = reinterpret_cast<const char*>(scales + n0 * ngroups);
-    for (int64_t off = int64_t(tid) * 128; off < rows * ngroups * 2; off += kQgThreads * 128)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
-    if (zeros)
-      for (int64_t off = int64_t(tid) * 128; off < rows * ngroups; off += kQgThreads * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + n0 * ngroups + off));
-  }
+  const QgTables tabs{scales, zeros, n0, N, ngroups, gshift, bf16s};
+  tabs.prefetch_l2(tid);
 
   // This thread's copies: W piece i = tid + 256 j is row i / 4, 16 bytes i % 4
   // (32-k quarter i % 4); x piece i is token i / 16, chunk i % 16.
@@ -171,31 +206,10 @@ __global__ void __launch_bounds__(kQgThreads, 1)
       cp_async16(base + xdst[j], valid ? xsrc[j] + k0 * int64_t(sizeof(Ta)) : xsrc[j], valid);
     }
   };
-  // Scale/zero entries e = tid + 256 j: quarter e / 128, row e % 128. Loaded
-  // ahead of the stage's compute, stored after it (at byte 8 e of the stage's
-  // table). The loaded values stay untouched until the store: an operation on
-  // them in the issuing block (packing scale and zero into one register, as
-  // the first version did) makes every warp wait there for the global load,
-  // between the barrier and the stage's mmas.
-  struct Raw {
-    uint32_t s[2], z[2];
-  };
-  const auto load_scales = [&](int chunk, Raw& raw) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
-      const int64_t n = std::min(n0 + row, N - 1);
-      const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
-      raw.z[j] = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
-      raw.s[j] = uint32_t(__ldg(scales + n * ngroups + grp));
-    }
-  };
+  using Raw = QgTables::Raw;
+  const auto load_scales = [&](int chunk, Raw& raw) { tabs.load(chunk, tid, raw); };
   const auto store_scales = [&](int slot, const Raw& raw) {
-    const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kW + S::kX;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw.s[j]), bf16s)),
-                 raw.z[j]);
+    tabs.store(sbase + uint32_t(slot) * S::kStage + S::kW + S::kX, tid, raw);
   };
 
   // Prologue: stages - 1 stages in flight.
@@ -427,15 +441,8 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   const uint16_t* scales = static_cast<const uint16_t*>(p.w.scales);
   const uint8_t* zeros = p.w.zeros;
 
-  {  // the block's scales and zero codes into L2 (as qgemm_int4_kernel)
-    const int64_t rows = std::min<int64_t>(kQgRows, N - n0);
-    const char* sb = reinterpret_cast<const char*>(scales + n0 * ngroups);
-    for (int64_t off = int64_t(tid) * 128; off < rows * ngroups * 2; off += kQgThreads * 128)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
-    if (zeros)
-      for (int64_t off = int64_t(tid) * 128; off < rows * ngroups; off += kQgThreads * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + n0 * ngroups + off));
-  }
+  const QgTables tabs{scales, zeros, n0, N, ngroups, gshift, bf16s};
+  tabs.prefetch_l2(tid);
 
   // Copies: W piece i = tid + 256 j: row i / 4, quarter i % 4 (qg_wchunk);
   // x piece i = tid + 256 j: token i / 16, chunk i % 16 (16 lanes per token row).
@@ -474,25 +481,10 @@ __global__ void __launch_bounds__(kQgThreads, 1)
       }
     }
   };
-  struct Raw {
-    uint32_t s[2], z[2];
-  };
-  const auto load_scales = [&](int chunk, Raw& raw) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int e = tid + kQgThreads * j, row = e & 127, q = e >> 7;
-      const int64_t n = std::min(n0 + row, N - 1);
-      const int64_t grp = std::min((int64_t(chunk) * kQgK + 32 * q) >> gshift, ngroups - 1);
-      raw.z[j] = zeros ? uint32_t(__ldg(zeros + n * ngroups + grp)) : 8u;
-      raw.s[j] = uint32_t(__ldg(scales + n * ngroups + grp));
-    }
-  };
+  using Raw = QgTables::Raw;
+  const auto load_scales = [&](int chunk, Raw& raw) { tabs.load(chunk, tid, raw); };
   const auto store_scales = [&](int slot, const Raw& raw) {
-    const uint32_t base = sbase + uint32_t(slot) * S::kStage + S::kX + S::kW;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      st_shared8(base + uint32_t(tid + kQgThreads * j) * 8, __float_as_uint(qmma_scale(uint16_t(raw.s[j]), bf16s)),
-                 raw.z[j]);
+    tabs.store(sbase + uint32_t(slot) * S::kStage + S::kX + S::kW, tid, raw);
   };
   // The permutation of one stage's x: this thread rewrites quarter pq of token
   // prow (a quarter-warp's 8 lanes are 8 tokens of one quarter: with the

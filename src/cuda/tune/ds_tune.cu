@@ -14,15 +14,11 @@
 #include "timing.cuh"
 
 using namespace tk::cuda;
+using tk::tune::b2f;
+using tk::tune::h2f;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
 int ffn_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
 int ffn4_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name, size_t name_len);
-
-static float h2f(uint16_t h) {
-  const uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
-  float v = e == 0 ? std::ldexp(float(m), -24) : std::ldexp(float(m | 1024), int(e) - 25);
-  return s ? -v : v;
-}
 
 // matmul variant -1: the kernel before; 0..: streaming shapes.
 static int mm_variant(const tk_matmul_params& p, const Launch& l, int v, char* name, size_t name_len) {

@@ -15,13 +15,9 @@
 #include "timing.cuh"
 
 using namespace tk::cuda;
+using tk::tune::b2f;
+using tk::tune::h2f;
 tk_status tk::fail(tk_status s, const char*, ...) { return s; }
-
-static float h2f(uint16_t h) {
-  const uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
-  float v = e == 0 ? std::ldexp(float(m), -24) : std::ldexp(float(m | 1024), int(e) - 25);
-  return s ? -v : v;
-}
 
 int main() {
   int sms = 0;

@@ -8,11 +8,26 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace tk::tune {
+
+// f16 / bf16 bits -> float on the host, for the harnesses' checks.
+inline float h2f(uint16_t h) {
+  const uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+  float v = e == 0 ? std::ldexp(float(m), -24) : std::ldexp(float(m | 1024), int(e) - 25);
+  return s ? -v : v;
+}
+inline float b2f(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // Reads n 16-byte words; the sink store practically never happens and keeps the loads alive.
 __global__ void read_pass(const uint4* p, size_t n, unsigned* sink) {
