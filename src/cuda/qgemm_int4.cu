@@ -130,6 +130,27 @@ struct QgTables {
   }
 };
 
+// The prologue of both kernels: stages - 1 stages in flight, each its copies
+// (issue(chunk, slot)) and its scale loads in one cp.async group; the scales
+// are stored (store(slot, raw)) once every stage is issued (see QgTables).
+template <int kMaxStages, class Issue, class Store>
+__device__ __forceinline__ void qg_fill_ring(int stages, int chunks, int tid, const QgTables& tabs, const Issue& issue,
+                                             const Store& store) {
+  QgTables::Raw raw[kMaxStages - 1];
+#pragma unroll
+  for (int s = 0; s < kMaxStages - 1; ++s)
+    if (s < stages - 1) {
+      if (s < chunks) {
+        issue(s, s);
+        tabs.load(s, tid, raw[s]);
+      }
+      attn::cp_async_commit();
+    }
+#pragma unroll
+  for (int s = 0; s < kMaxStages - 1; ++s)
+    if (s < stages - 1 && s < chunks) store(s, raw[s]);
+}
+
 // c = A B (no accumulator input: the first mma of a group).
 template <class Ta>
 __device__ __forceinline__ void qg_mma0(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -212,22 +233,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
     tabs.store(sbase + uint32_t(slot) * S::kStage + S::kW + S::kX, tid, raw);
   };
 
-  // Prologue: stages - 1 stages in flight.
-  {
-    Raw raw[kQgMaxStages - 1];
-#pragma unroll
-    for (int s = 0; s < kQgMaxStages - 1; ++s)
-      if (s < stages - 1) {
-        if (s < chunks) {
-          issue(s, s);
-          load_scales(s, raw[s]);
-        }
-        attn::cp_async_commit();
-      }
-#pragma unroll
-    for (int s = 0; s < kQgMaxStages - 1; ++s)
-      if (s < stages - 1 && s < chunks) store_scales(s, raw[s]);
-  }
+  qg_fill_ring<kQgMaxStages>(stages, chunks, tid, tabs, issue, store_scales);
 
   // The warp's rows m0 .. m0 + 31 and tokens tb .. tb + 8 kNT - 1 of the block.
   const int m0 = (warp % kQgWarpsN) * 32, tb = (warp / kQgWarpsN) * 8 * kNT;
@@ -512,19 +518,7 @@ __global__ void __launch_bounds__(kQgThreads, 1)
 
   // Prologue: stages - 1 stages in flight, stage 0 permuted.
   {
-    Raw raw[kQhMaxStages - 1];
-#pragma unroll
-    for (int s = 0; s < kQhMaxStages - 1; ++s)
-      if (s < stages - 1) {
-        if (s < chunks) {
-          issue(s, s);
-          load_scales(s, raw[s]);
-        }
-        attn::cp_async_commit();
-      }
-#pragma unroll
-    for (int s = 0; s < kQhMaxStages - 1; ++s)
-      if (s < stages - 1 && s < chunks) store_scales(s, raw[s]);
+    qg_fill_ring<kQhMaxStages>(stages, chunks, tid, tabs, issue, store_scales);
     switch (stages) {  // this thread's copies of stage 0
       case 3: attn::cp_async_wait<1>(); break;
       case 4: attn::cp_async_wait<2>(); break;
