@@ -74,6 +74,11 @@ struct Sm90Config {
   static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
   static constexpr int kProducerRegs = D == 64 ? 32 : 40;
   static constexpr int kConsumerRegs = D == 64 ? 160 : 232;
+  // The exponentials in two copies (masked tile or not) so that ptxas keeps
+  // them before the wgmma wait of P V (see softmax in the kernel). D 128 only:
+  // D 64 at 160 registers spilled 12 bytes with it (CUDA 13.0).
+  static constexpr bool kSplitExps = D == 128;
+  static_assert(kSplitExps == (D == 128), "the split exponentials were checked for spills at D 128");
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;
   static constexpr int kSmemBytes = 1024 + 2 * int(kQBytes) + 2 * kStages * int(kKVBytes);
@@ -159,12 +164,19 @@ __device__ __forceinline__ bool sm90_next(const Sm90Args& a, int& round, bool ra
 }
 #endif  // TK_SM90A
 
-template <typename T, int D>
+// kVar: A/B variants (TK_FLASH_SM90_ALT, bf16 only). 0: Sm90Config's; 1: the
+// exponentials split or not the other way (D 128 as before 2026-11-26); 2:
+// D 128 with 240 consumer and 24 producer registers.
+template <typename T, int D, int kVar>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
 #if TK_SM90A
   using namespace attn::sm90;
   using Cfg = Sm90Config<D>;
+  constexpr int kProducerRegs = kVar == 2 && D == 128 ? 24 : Cfg::kProducerRegs;
+  constexpr int kConsumerRegs = kVar == 2 && D == 128 ? 240 : Cfg::kConsumerRegs;
+  constexpr bool kSplitExps = kVar == 1 ? !Cfg::kSplitExps : Cfg::kSplitExps;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * Cfg::kConsumers <= 65536, "register file");
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kS = Cfg::kStages;
   constexpr int kWG = Cfg::kConsumers;
   constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
@@ -209,7 +221,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // their fills (and so their mbarrier phases) across tiles.
   if (tid < 128) {
     // Producer warpgroup: one thread issues every copy; the rest idle out.
-    regs_dealloc<Cfg::kProducerRegs>();
+    regs_dealloc<kProducerRegs>();
     if (tid == 0) {
       tma_prefetch_map(&a.q_map);
       tma_prefetch_map(&a.k_map);
@@ -249,7 +261,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   }
 
   // Consumer warpgroups.
-  regs_alloc<Cfg::kConsumerRegs>();
+  regs_alloc<kConsumerRegs>();
   const int wg = tid / 128 - 1;  // rows 64 wg .. 64 wg + 63 of the tile
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -316,21 +328,9 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     const int len_q = w.len_q, len_k = w.len_k, m_begin = w.m_begin, n_tiles = w.n_tiles;
     const int diag = len_k - len_q;
 
-    // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
-    // leaves the probabilities in s_acc and the factor rescaling O in alpha.
-    auto softmax = [&](int n0) {
-      const bool need_mask = n0 + kBN > len_k ||
-                             (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
-      if (need_mask) {
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = m_begin + row0 + 8 * (e / 2);
-            const int col = n0 + 8 * j + 2 * t + (e % 2);
-            if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
-          }
-      }
+    // Updates the running max and sum of the scores in s_acc, leaves the
+    // probabilities there and the factor rescaling O in alpha.
+    auto exps = [&] {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         float mx = -INFINITY;
@@ -353,6 +353,39 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
             sum += s_acc[4 * j + e];
           }
         row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
+      }
+    };
+    // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
+    // leaves the probabilities in s_acc and the factor rescaling O in alpha.
+    auto softmax = [&](int n0) {
+      const bool need_mask = n0 + kBN > len_k ||
+                             (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
+      auto mask = [&] {
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m_begin + row0 + 8 * (e / 2);
+            const int col = n0 + 8 * j + 2 * t + (e % 2);
+            if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
+          }
+      };
+      // With one copy of the exponentials after the masking branch, ptxas
+      // moved them (and the row max and sum) below the main loop's
+      // wgmma_wait<0> into the block of the P packing that must follow it: the
+      // softmax of tile i then waited for P V of tile i - 1 (SASS of
+      // 2026-11-26, CUDA 13.0). A copy in each arm of the branch ends their
+      // basic block before the wait.
+      if constexpr (kSplitExps) {
+        if (need_mask) {
+          mask();
+          exps();
+        } else {
+          exps();
+        }
+      } else {
+        if (need_mask) mask();
+        exps();
       }
     };
     auto pack_p = [&] {
@@ -548,10 +581,12 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 //   TK_FLASH_SM90_GRID  "tiles" (one CTA per tile), "persistent" (one per SM)
 //                       or a CTA count, instead of the rule in sm90_grid;
 //   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
-//                       instead of sm90_sched_heads' choice (1: head by head).
+//                       instead of sm90_sched_heads' choice (1: head by head);
+//   TK_FLASH_SM90_ALT   n: bf16 runs variant kVar = n of flash_fwd_sm90_kernel.
 struct Sm90Switches {
   int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
   int group = 0;  // 0: sm90_sched_heads
+  int alt = 0;
 };
 const Sm90Switches& sm90_switches() {
   static const Sm90Switches sw = [] {
@@ -561,6 +596,7 @@ const Sm90Switches& sm90_switches() {
                : std::strcmp(e, "persistent") == 0 ? INT_MAX
                                                    : std::max(0, std::atoi(e));
     if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
+    if (const char* e = std::getenv("TK_FLASH_SM90_ALT"); e && *e) s.alt = std::max(0, std::atoi(e));
     return s;
   }();
   return sw;
@@ -651,10 +687,10 @@ int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_
   return best;
 }
 
-template <typename T, int D>
+template <typename T, int D, int kVar = 0>
 tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   using Cfg = Sm90Config<D>;
-  auto kernel = flash_fwd_sm90_kernel<T, D>;
+  auto kernel = flash_fwd_sm90_kernel<T, D, kVar>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (attr != cudaSuccess)
@@ -715,12 +751,16 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.causal = p.causal != 0;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
+  const int alt = sm90_switches().alt;
   if (p.head_dim == 64)
-    *status = f16 ? launch_sm90<__half, 64>(a, l)
-                  : launch_sm90<__nv_bfloat16, 64>(a, l);
+    *status = f16        ? launch_sm90<__half, 64>(a, l)
+              : alt == 1 ? launch_sm90<__nv_bfloat16, 64, 1>(a, l)
+                         : launch_sm90<__nv_bfloat16, 64>(a, l);
   else
-    *status = f16 ? launch_sm90<__half, 128>(a, l)
-                  : launch_sm90<__nv_bfloat16, 128>(a, l);
+    *status = f16        ? launch_sm90<__half, 128>(a, l)
+              : alt == 1 ? launch_sm90<__nv_bfloat16, 128, 1>(a, l)
+              : alt == 2 ? launch_sm90<__nv_bfloat16, 128, 2>(a, l)
+                         : launch_sm90<__nv_bfloat16, 128>(a, l);
   return true;
 #else
   (void)p;
