@@ -74,11 +74,6 @@ struct Sm90Config {
   static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
   static constexpr int kProducerRegs = D == 64 ? 32 : 40;
   static constexpr int kConsumerRegs = D == 64 ? 160 : 232;
-  // The exponentials in two copies (masked tile or not) so that ptxas keeps
-  // them before the wgmma wait of P V (see softmax in the kernel). D 128 only:
-  // D 64 at 160 registers spilled 12 bytes with it (CUDA 13.0).
-  static constexpr bool kSplitExps = D == 128;
-  static_assert(kSplitExps == (D == 128), "the split exponentials were checked for spills at D 128");
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;
   static constexpr int kSmemBytes = 1024 + 2 * int(kQBytes) + 2 * kStages * int(kKVBytes);
@@ -164,19 +159,14 @@ __device__ __forceinline__ bool sm90_next(const Sm90Args& a, int& round, bool ra
 }
 #endif  // TK_SM90A
 
-// kVar: A/B variants (TK_FLASH_SM90_ALT, bf16 only). 0: Sm90Config's; 1: the
-// exponentials split or not the other way (D 128 as before 2026-11-26); 2:
-// D 128 with 240 consumer and 24 producer registers.
+// kVar: A/B variant (TK_FLASH_SM90_ALT=1, bf16 only): 1 takes each row's max
+// over the score tile as one chain of fmaxf, as before 2026-11-26.
 template <typename T, int D, int kVar>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
 #if TK_SM90A
   using namespace attn::sm90;
   using Cfg = Sm90Config<D>;
-  constexpr int kProducerRegs = kVar == 2 && D == 128 ? 24 : Cfg::kProducerRegs;
-  constexpr int kConsumerRegs = kVar == 2 && D == 128 ? 240 : Cfg::kConsumerRegs;
-  constexpr bool kSplitExps = kVar == 1 ? !Cfg::kSplitExps : Cfg::kSplitExps;
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * Cfg::kConsumers <= 65536, "register file");
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kS = Cfg::kStages;
   constexpr int kWG = Cfg::kConsumers;
   constexpr int kBlocks = D / 64;  // 128-byte column blocks, one TMA box each
@@ -221,7 +211,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   // their fills (and so their mbarrier phases) across tiles.
   if (tid < 128) {
     // Producer warpgroup: one thread issues every copy; the rest idle out.
-    regs_dealloc<kProducerRegs>();
+    regs_dealloc<Cfg::kProducerRegs>();
     if (tid == 0) {
       tma_prefetch_map(&a.q_map);
       tma_prefetch_map(&a.k_map);
@@ -261,7 +251,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
   }
 
   // Consumer warpgroups.
-  regs_alloc<kConsumerRegs>();
+  regs_alloc<Cfg::kConsumerRegs>();
   const int wg = tid / 128 - 1;  // rows 64 wg .. 64 wg + 63 of the tile
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -328,15 +318,46 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     const int len_q = w.len_q, len_k = w.len_k, m_begin = w.m_begin, n_tiles = w.n_tiles;
     const int diag = len_k - len_q;
 
-    // Updates the running max and sum of the scores in s_acc, leaves the
-    // probabilities there and the factor rescaling O in alpha.
-    auto exps = [&] {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float mx = -INFINITY;
+    // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
+    // leaves the probabilities in s_acc and the factor rescaling O in alpha.
+    auto softmax = [&](int n0) {
+      const bool need_mask = n0 + kBN > len_k ||
+                             (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
+      if (need_mask) {
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
-          mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m_begin + row0 + 8 * (e / 2);
+            const int col = n0 + 8 * j + 2 * t + (e % 2);
+            if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
+          }
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        // The row max heads the softmax's critical path (the exponentials
+        // wait for it, and while one warpgroup's softmax runs it is the only
+        // consumer warp issuing on its scheduler), so it is a tree of depth
+        // 5, not a chain of 16 dependent fmaxf.
+        float mx;
+        if constexpr (kVar == 1) {
+          mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j)
+            mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
+        } else {
+          float m[kBN / 8];
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j) m[j] = fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]);
+          static_assert(kBN / 8 == 16, "a tree of four levels");
+#pragma unroll
+          for (int j = 0; j < 8; ++j) m[j] = fmaxf(m[j], m[j + 8]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) m[j] = fmaxf(m[j], m[j + 4]);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) m[j] = fmaxf(m[j], m[j + 2]);
+          mx = fmaxf(m[0], m[1]);
+        }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
@@ -353,39 +374,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
             sum += s_acc[4 * j + e];
           }
         row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
-      }
-    };
-    // Masks the tile of keys n0 .. n0 + kBN - 1, updates the running max and sum,
-    // leaves the probabilities in s_acc and the factor rescaling O in alpha.
-    auto softmax = [&](int n0) {
-      const bool need_mask = n0 + kBN > len_k ||
-                             (a.causal && n0 + kBN - 1 > m_begin + 64 * wg + 16 * warp + diag);
-      auto mask = [&] {
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = m_begin + row0 + 8 * (e / 2);
-            const int col = n0 + 8 * j + 2 * t + (e % 2);
-            if (col >= len_k || (a.causal && col > row + diag)) s_acc[4 * j + e] = -INFINITY;
-          }
-      };
-      // With one copy of the exponentials after the masking branch, ptxas
-      // moved them (and the row max and sum) below the main loop's
-      // wgmma_wait<0> into the block of the P packing that must follow it: the
-      // softmax of tile i then waited for P V of tile i - 1 (SASS of
-      // 2026-11-26, CUDA 13.0). A copy in each arm of the branch ends their
-      // basic block before the wait.
-      if constexpr (kSplitExps) {
-        if (need_mask) {
-          mask();
-          exps();
-        } else {
-          exps();
-        }
-      } else {
-        if (need_mask) mask();
-        exps();
       }
     };
     auto pack_p = [&] {
@@ -582,11 +570,11 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 //                       or a CTA count, instead of the rule in sm90_grid;
 //   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
 //                       instead of sm90_sched_heads' choice (1: head by head);
-//   TK_FLASH_SM90_ALT   n: bf16 runs variant kVar = n of flash_fwd_sm90_kernel.
+//   TK_FLASH_SM90_ALT   1: bf16 runs variant kVar = 1 of flash_fwd_sm90_kernel.
 struct Sm90Switches {
   int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
   int group = 0;  // 0: sm90_sched_heads
-  int alt = 0;
+  bool alt = false;
 };
 const Sm90Switches& sm90_switches() {
   static const Sm90Switches sw = [] {
@@ -596,7 +584,7 @@ const Sm90Switches& sm90_switches() {
                : std::strcmp(e, "persistent") == 0 ? INT_MAX
                                                    : std::max(0, std::atoi(e));
     if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
-    if (const char* e = std::getenv("TK_FLASH_SM90_ALT"); e && *e) s.alt = std::max(0, std::atoi(e));
+    if (const char* e = std::getenv("TK_FLASH_SM90_ALT"); e && *e) s.alt = std::atoi(e) != 0;
     return s;
   }();
   return sw;
@@ -751,16 +739,15 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.causal = p.causal != 0;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
-  const int alt = sm90_switches().alt;
+  const bool alt = sm90_switches().alt;
   if (p.head_dim == 64)
-    *status = f16        ? launch_sm90<__half, 64>(a, l)
-              : alt == 1 ? launch_sm90<__nv_bfloat16, 64, 1>(a, l)
-                         : launch_sm90<__nv_bfloat16, 64>(a, l);
+    *status = f16   ? launch_sm90<__half, 64>(a, l)
+              : alt ? launch_sm90<__nv_bfloat16, 64, 1>(a, l)
+                    : launch_sm90<__nv_bfloat16, 64>(a, l);
   else
-    *status = f16        ? launch_sm90<__half, 128>(a, l)
-              : alt == 1 ? launch_sm90<__nv_bfloat16, 128, 1>(a, l)
-              : alt == 2 ? launch_sm90<__nv_bfloat16, 128, 2>(a, l)
-                         : launch_sm90<__nv_bfloat16, 128>(a, l);
+    *status = f16   ? launch_sm90<__half, 128>(a, l)
+              : alt ? launch_sm90<__nv_bfloat16, 128, 1>(a, l)
+                    : launch_sm90<__nv_bfloat16, 128>(a, l);
   return true;
 #else
   (void)p;

@@ -3,10 +3,10 @@
 # flash tests normal / portable / memcheck / racecheck, the bench rows with
 # the defaults), the Hopper flash tests once more under a forced schedule
 # group and under the alternative kernel (TK_FLASH_SM90_ALT), then the bench
-# rows again under the A/B switches of flash_attention_sm90.cu
-# (TK_FLASH_SM90_ALT, TK_FLASH_SM90_GRID), each variant twice, interleaved;
-# each bench run's cuBLAS roof ("Compute:") is kept beside its rows. Prints a
-# table last. Carry .deps; see attention/flash_NOTES.md for the runs so far.
+# rows again under the A/B switch TK_FLASH_SM90_ALT of flash_attention_sm90.cu
+# (edit the loop below for others, e.g. TK_FLASH_SM90_GRID), each variant
+# twice, interleaved; each bench run's cuBLAS roof ("Compute:") is kept beside
+# its rows. Prints a table last. Carry .deps; see attention/flash_NOTES.md.
 #   src/cuda/attention/flash_ab.sh [all|bench]
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -21,10 +21,8 @@ B=build-gpu/bench/tiny-kernel
 if [[ $MODE == all ]]; then
   TK_FLASH_SM90_GROUP=7 $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/group7.txt" 2>&1
   echo "Sm90 tests under TK_FLASH_SM90_GROUP=7: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/group7.txt" | tr '\n' ' ')"
-  for v in 1 2; do
-    TK_FLASH_SM90_ALT=$v $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/alt$v.txt" 2>&1
-    echo "Sm90 tests under TK_FLASH_SM90_ALT=$v: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/alt$v.txt" | tr '\n' ' ')"
-  done
+  TK_FLASH_SM90_ALT=1 $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/alt.txt" 2>&1
+  echo "Sm90 tests under TK_FLASH_SM90_ALT=1: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/alt.txt" | tr '\n' ' ')"
 fi
 bench() {  # name, filter, env...
   local name=$1 filter=$2; shift 2
@@ -33,13 +31,9 @@ bench() {  # name, filter, env...
 }
 : > "$OUT/ab.txt"
 grep -E '^(flash_attention|Compute:)' "$OUT/check.txt" | sed 's/^/new0 /' >> "$OUT/ab.txt"
-D128='flash_attention B(4 H32 S4096 D128|4 Hq32 Hkv8 S4096|1 H32 S16384)'
-# alt: kVar 1 (D 128: the single-copy exponentials of before; D 64: split);
-# regs: kVar 2 (D 128 split, 240 / 24 registers); tiles: one CTA per tile.
+# alt: kVar 1 of the kernel (see TK_FLASH_SM90_ALT there).
 for i in 1 2; do
   bench alt$i "$ROWS|$LONG" TK_FLASH_SM90_ALT=1
-  bench regs$i "$D128" TK_FLASH_SM90_ALT=2
-  bench tiles$i "$LONG" TK_FLASH_SM90_GRID=tiles
   bench new$i "$ROWS|$LONG"
 done
 echo "== A/B (H100, $(date -u +%F)) =="
