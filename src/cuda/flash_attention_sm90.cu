@@ -159,9 +159,7 @@ __device__ __forceinline__ bool sm90_next(const Sm90Args& a, int& round, bool ra
 }
 #endif  // TK_SM90A
 
-// kVar: A/B variant (TK_FLASH_SM90_ALT=1, bf16 only): 1 takes each row's max
-// over the score tile as one chain of fmaxf, as before 2026-11-26.
-template <typename T, int D, int kVar>
+template <typename T, int D>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90Args a) {
 #if TK_SM90A
@@ -335,29 +333,10 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       }
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        // The row max heads the softmax's critical path (the exponentials
-        // wait for it, and while one warpgroup's softmax runs it is the only
-        // consumer warp issuing on its scheduler), so it is a tree of depth
-        // 5, not a chain of 16 dependent fmaxf.
-        float mx;
-        if constexpr (kVar == 1) {
-          mx = -INFINITY;
+        float mx = -INFINITY;
 #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j)
-            mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
-        } else {
-          float m[kBN / 8];
-#pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) m[j] = fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]);
-          static_assert(kBN / 8 == 16, "a tree of four levels");
-#pragma unroll
-          for (int j = 0; j < 8; ++j) m[j] = fmaxf(m[j], m[j + 8]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) m[j] = fmaxf(m[j], m[j + 4]);
-#pragma unroll
-          for (int j = 0; j < 2; ++j) m[j] = fmaxf(m[j], m[j + 2]);
-          mx = fmaxf(m[0], m[1]);
-        }
+        for (int j = 0; j < kBN / 8; ++j)
+          mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
@@ -569,12 +548,10 @@ bool encode_heads(CUtensorMap* map, tk_dtype dt, const void* p, int64_t tokens, 
 //   TK_FLASH_SM90_GRID  "tiles" (one CTA per tile), "persistent" (one per SM)
 //                       or a CTA count, instead of the rule in sm90_grid;
 //   TK_FLASH_SM90_GROUP n: (sequence, head) pairs per group of the tile order
-//                       instead of sm90_sched_heads' choice (1: head by head);
-//   TK_FLASH_SM90_ALT   1: bf16 runs variant kVar = 1 of flash_fwd_sm90_kernel.
+//                       instead of sm90_sched_heads' choice (1: head by head).
 struct Sm90Switches {
   int grid = 0;  // 0: the rule, -1: one CTA per tile, n: n CTAs (INT_MAX: one per SM)
   int group = 0;  // 0: sm90_sched_heads
-  bool alt = false;
 };
 const Sm90Switches& sm90_switches() {
   static const Sm90Switches sw = [] {
@@ -584,7 +561,6 @@ const Sm90Switches& sm90_switches() {
                : std::strcmp(e, "persistent") == 0 ? INT_MAX
                                                    : std::max(0, std::atoi(e));
     if (const char* e = std::getenv("TK_FLASH_SM90_GROUP"); e && *e) s.group = std::max(0, std::atoi(e));
-    if (const char* e = std::getenv("TK_FLASH_SM90_ALT"); e && *e) s.alt = std::atoi(e) != 0;
     return s;
   }();
   return sw;
@@ -675,10 +651,10 @@ int sm90_sched_heads(int pairs, int m_blocks, int block_m, int64_t len_q, int64_
   return best;
 }
 
-template <typename T, int D, int kVar = 0>
+template <typename T, int D>
 tk_status launch_sm90(const Sm90Args& a, const Launch& l) {
   using Cfg = Sm90Config<D>;
-  auto kernel = flash_fwd_sm90_kernel<T, D, kVar>;
+  auto kernel = flash_fwd_sm90_kernel<T, D>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (attr != cudaSuccess)
@@ -739,15 +715,12 @@ bool flash_attention_sm90(const tk_flash_attention_params& p, const Launch& l, t
   a.causal = p.causal != 0;
   a.error_flag = l.error_flag;
   const bool f16 = p.dtype == TK_F16;
-  const bool alt = sm90_switches().alt;
   if (p.head_dim == 64)
-    *status = f16   ? launch_sm90<__half, 64>(a, l)
-              : alt ? launch_sm90<__nv_bfloat16, 64, 1>(a, l)
-                    : launch_sm90<__nv_bfloat16, 64>(a, l);
+    *status = f16 ? launch_sm90<__half, 64>(a, l)
+                  : launch_sm90<__nv_bfloat16, 64>(a, l);
   else
-    *status = f16   ? launch_sm90<__half, 128>(a, l)
-              : alt ? launch_sm90<__nv_bfloat16, 128, 1>(a, l)
-                    : launch_sm90<__nv_bfloat16, 128>(a, l);
+    *status = f16 ? launch_sm90<__half, 128>(a, l)
+                  : launch_sm90<__nv_bfloat16, 128>(a, l);
   return true;
 #else
   (void)p;

@@ -2,11 +2,10 @@
 # One device call for the sm_90a flash kernel: tools/gpu_check.sh (build, the
 # flash tests normal / portable / memcheck / racecheck, the bench rows with
 # the defaults), the Hopper flash tests once more under a forced schedule
-# group and under the alternative kernel (TK_FLASH_SM90_ALT), then the bench
-# rows again under the A/B switch TK_FLASH_SM90_ALT of flash_attention_sm90.cu
-# (edit the loop below for others, e.g. TK_FLASH_SM90_GRID), each variant
-# twice, interleaved; each bench run's cuBLAS roof ("Compute:") is kept beside
-# its rows. Prints a table last. Carry .deps; see attention/flash_NOTES.md.
+# group, then the bench rows again under the A/B switches of
+# flash_attention_sm90.cu (TK_FLASH_SM90_GROUP, TK_FLASH_SM90_GRID), each
+# variant twice, interleaved. Prints a table last. Carry .deps; see
+# attention/flash_NOTES.md for the runs so far.
 #   src/cuda/attention/flash_ab.sh [all|bench]
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -21,8 +20,6 @@ B=build-gpu/bench/tiny-kernel
 if [[ $MODE == all ]]; then
   TK_FLASH_SM90_GROUP=7 $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/group7.txt" 2>&1
   echo "Sm90 tests under TK_FLASH_SM90_GROUP=7: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/group7.txt" | tr '\n' ' ')"
-  TK_FLASH_SM90_ALT=1 $T --gtest_filter='Cuda/FlashAttentionSm90*' --gtest_brief=1 > "$OUT/alt.txt" 2>&1
-  echo "Sm90 tests under TK_FLASH_SM90_ALT=1: rc=$? $(grep -E 'PASSED|FAILED' "$OUT/alt.txt" | tr '\n' ' ')"
 fi
 bench() {  # name, filter, env...
   local name=$1 filter=$2; shift 2
@@ -31,11 +28,12 @@ bench() {  # name, filter, env...
 }
 : > "$OUT/ab.txt"
 grep -E '^(flash_attention|Compute:)' "$OUT/check.txt" | sed 's/^/new0 /' >> "$OUT/ab.txt"
-# alt: kVar 1 of the kernel (see TK_FLASH_SM90_ALT there).
+# heads: the tile order head by head (as before the head groups); tiles: one CTA per tile.
 for i in 1 2; do
-  bench alt$i "$ROWS|$LONG" TK_FLASH_SM90_ALT=1
+  bench heads$i "$ROWS|$LONG" TK_FLASH_SM90_GROUP=1
+  bench tiles$i "$LONG" TK_FLASH_SM90_GRID=tiles
   bench new$i "$ROWS|$LONG"
 done
 echo "== A/B (H100, $(date -u +%F)) =="
-grep 'Compute:' "$OUT/ab.txt"
+grep 'Compute:' "$OUT/ab.txt"  # each bench run's cuBLAS roof: compare cards by it
 grep -v 'Compute:' "$OUT/ab.txt" | sort -s -k3,3 -k4,4 -k5,5 -k6,6
