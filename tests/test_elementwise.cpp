@@ -1,4 +1,6 @@
 // rmsnorm, rmsnorm_residual, rope, swiglu (and tk_swiglu_concat) against the reference.
+#include <cmath>
+
 #include "ops.h"
 
 namespace tk::test {
@@ -84,6 +86,46 @@ std::vector<Case> rmsnorm_cases_plain() { return rmsnorm_cases(false); }
 std::vector<Case> rmsnorm_cases_residual() { return rmsnorm_cases(true); }
 TK_OP_SUITE(Rmsnorm, rmsnorm_cases_plain);
 TK_OP_SUITE(RmsnormResidual, rmsnorm_cases_residual);
+
+// The CPU backend converts an f16 / bf16 weight row to f32 once per task, in
+// a per-thread scratch row that later calls reuse: calls that change the
+// weight and the dim (growing, shrinking, growing back) must each use their
+// own weight, here one element past a 64-byte boundary, with and without
+// the residual, on rows split between threads.
+TEST(CpuRmsnorm, WeightOfEachCall) {
+  std::string why;
+  tk_context* cpu = context(TK_BACKEND_CPU, &why);
+  ASSERT_NE(cpu, nullptr) << why;
+  tk_context* ref = context(TK_BACKEND_REFERENCE, &why);
+  ASSERT_NE(ref, nullptr) << why;
+  Rng rng(test_seed());
+  const int64_t T = 37;
+  for (tk_dtype dt : {TK_F16, TK_BF16})
+    for (bool residual : {false, true})
+      for (int64_t D : {4097, 8, 4097, 131, 8192, 4097}) {
+        const auto bits = [&](double v) { return dt == TK_F16 ? f32_to_f16(float(v)) : f32_to_bf16(float(v)); };
+        const auto value = [&](uint16_t h) { return dt == TK_F16 ? f16_to_f32(h) : bf16_to_f32(h); };
+        std::vector<uint16_t> x(size_t(T * D)), w(size_t(D + 1)), r(size_t(T * D)), y(size_t(T * D), 0x7fc0);
+        for (auto& v : x) v = bits(rng.uniform(-3, 3));
+        for (auto& v : r) v = bits(rng.uniform(-3, 3));
+        for (auto& v : w) v = bits(rng.uniform(-2, 2));
+        std::vector<uint16_t> r_ref = r, y_ref(y.size());
+        tk_rmsnorm_params p{dt, T, D, x.data(), D, residual ? r.data() : nullptr, D, w.data() + 1,
+                            y.data(), D, 1e-5f};
+        ASSERT_EQ(tk_rmsnorm(cpu, &p), TK_OK) << tk_last_error();
+        p.residual = residual ? r_ref.data() : nullptr;
+        p.y = y_ref.data();
+        ASSERT_EQ(tk_rmsnorm(ref, &p), TK_OK) << tk_last_error();
+        const double rel = dt == TK_F16 ? 2e-3 : 1.6e-2;
+        size_t bad = 0;
+        for (size_t i = 0; i < y.size(); ++i) {
+          const double got = value(y[i]), want = value(y_ref[i]);
+          bad += !(std::fabs(got - want) <= rel * std::fabs(want) + rel * 1e-2);
+          if (residual) bad += r[i] != r_ref[i];
+        }
+        EXPECT_EQ(bad, 0u) << tk_dtype_name(dt) << " D " << D << (residual ? " residual" : "");
+      }
+}
 
 // ---------------------------------------------------------------------------
 // rope

@@ -38,12 +38,27 @@ HWY_INLINE void PrefetchRowStep(const T* p, size_t i) {
 // side by side); a prefetch distance inside the row instead, or summing the
 // next row's squares in the same loop, were slower than neither in a
 // stand-alone loop (15.5-15.9 against 13.4-14.1 ms).
-template <class T>
-void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, bool stream, bool prefetch_next) {
+//
+// wf is the weight row, of T or (plain rmsnorm in f16 / bf16) in f32,
+// converted once per task by the caller instead of once per row. On Zen 4
+// with memory at its fast rate (copy roof ~90 GB/s) rmsnorm f16 is
+// compute-bound, as fast with its rows in L2 as in memory (0.128 ns per
+// element on one core), and the weight's conversion is a quarter of its
+// conversions: 0.128 -> 0.111 ns per element (rows of 4096 in L2, one core);
+// bench, 2 cores, runs side by side at copy roof 86-92 GB/s: [4096x4096]
+// 1.13-1.15 -> 0.94-0.98 ms, [16384x8192] 8.94-9.01 -> 8.19-8.79 ms.
+// With the residual the f32 weight is not used: it took 0.215 -> 0.197 ns
+// per element in L2, but in memory 1.95-2.27 -> 1.94-2.41 ms (fast memory)
+// and 2.14-2.42 -> 2.34-2.55 ms (slow): x, r, y and a 16 KB f32 weight no
+// longer fit the 32 KB L1 together. Keeping the first pass's f32 values in
+// a per-thread row for the second pass instead of converting them again was
+// slower too (0.209 ns with the residual, 64-byte stores to L1/L2).
+template <class T, class W>
+void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf, bool stream,
+                bool prefetch_next) {
   const DF d;
   const size_t N = hn::Lanes(d), n = size_t(p.dim);
   const T* x = row<T>(p.x, t, p.x_stride);
-  const T* w = static_cast<const T*>(p.weight);
   T* y = row<T>(p.y, t, p.y_stride);
   const T* h = x;
   float ss;
@@ -74,7 +89,7 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, bool stream, bool prefetc
   const auto out = [&](size_t i) {
     if (nx) PrefetchRowStep(nx, i);
     if (nr) PrefetchRowStep(nr, i);
-    return hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, w + i));
+    return hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, wf + i));
   };
   size_t i = 0;
   if (stream && StreamAligned(y)) {
@@ -82,7 +97,7 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, bool stream, bool prefetc
   }
   for (; i + N <= n; i += N) StoreF32(d, out(i), y + i);
   if (i < n) {
-    const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, h + i, n - i), inv), LoadF32Partial(d, w + i, n - i));
+    const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, h + i, n - i), inv), LoadF32Partial(d, wf + i, n - i));
     StoreF32Partial(d, v, y + i, n - i);
   }
 }
@@ -96,7 +111,15 @@ void RmsNorm(const tk_rmsnorm_params& p, ThreadPool& pool) {
   VisitDtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     parallel_ranges(pool, p.rows, task_count(pool, p.rows, bytes), [&](int64_t t0, int64_t t1, int) {
-      for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, stream, t + 1 < t1);
+      const T* w = static_cast<const T*>(p.weight);
+      if (std::is_same_v<T, float> || p.residual) {
+        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, w, stream, t + 1 < t1);
+      } else {
+        // The weight row in f32, converted once per task.
+        float* wf = scratch<float>(kScratchLocal0, size_t(p.dim));
+        RowToF32(w, wf, size_t(p.dim));
+        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, wf, stream, t + 1 < t1);
+      }
       if (stream) hwy::FlushStream();
     });
   });
