@@ -187,6 +187,17 @@ std::vector<Case> qmatmul_cases() {
       cases.push_back(make_case<QmatmulTest>(QmatmulShape{d, T, c.N, c.K, spec, kLayouts[i % 4]}));
       ++i;
     }
+  // T = 1 on the VNNI path takes rows in blocks of 4, then 2, then 1: every N
+  // mod 4 (also split between threads), each group size, both scale dtypes,
+  // with and without zero points, 2 digits (f16 / bf16) and 3 (f32).
+  const NKG t1[] = {{4, 128, 128}, {5, 256, 64}, {6, 640, 32}, {7, 4096, 128}, {10, 4224, 64}, {4099, 1024, 32}};
+  int j = 0;
+  for (tk_dtype d : kDtypes)
+    for (const NKG& c : t1) {
+      const Int4Spec spec{c.group, j % 2 ? TK_BF16 : TK_F16, j % 3 == 1, j % 4 == 2};
+      cases.push_back(make_case<QmatmulTest>(QmatmulShape{d, 1, c.N, c.K, spec, kLayouts[j % 4]}));
+      ++j;
+    }
   // The shape, scaled down in N: group 128, decode and prefill.
   for (int64_t T : {1, 8, 64})
     cases.push_back(make_case<QmatmulTest>(
