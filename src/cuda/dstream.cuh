@@ -549,13 +549,13 @@ constexpr int kDsChunks = 8, kDsWarps = 16, kDsStages = 3;
 constexpr int64_t kDsMaxT = 8;
 
 // Launches the streaming kernel when its plan fits; false (nothing launched) otherwise.
-template <class T, bool kFfn>
+template <class T, bool kFfn, bool kAttn = false>
 bool try_dstream(const DsArgs& a, const Launch& l, tk_status* status, const char* op) {
   DsPlan pl;
   unsigned grid;
   size_t smem;
   if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, kFfn, l, kDsStages, pl, grid, smem)) return false;
-  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps>(a, l, pl, grid, smem, op);
+  *status = launch_dstream<T, kFfn, kDsChunks, kDsWarps, false, kAttn>(a, l, pl, grid, smem, op);
   return true;
 }
 
@@ -568,12 +568,7 @@ bool try_dstream_attn(const tk_attn_front_params& af, int64_t units_per_head, co
   DsArgs a = ds_args(af.w_qkv, af.w_qkv_stride, nullptr, 0, af.x, af.x_stride, af.T, af.norm_weight, af.eps,
                      nullptr, 0, units, af.D);
   a.af = af, a.units_per_head = units_per_head, a.error_flag = l.error_flag;
-  DsPlan pl;
-  unsigned grid;
-  size_t smem;
-  if (!ds_plan<kDsChunks, kDsWarps>(a.T, a.K, a.N, true, l, kDsStages, pl, grid, smem)) return false;
-  *status = launch_dstream<T, true, kDsChunks, kDsWarps, false, true>(a, l, pl, grid, smem, "attn_front");
-  return true;
+  return try_dstream<T, true, true>(a, l, status, "attn_front");
 }
 
 // fused_ffn with int4 weights: 16 warps with a ring 2 items deep (H100, D 4096
