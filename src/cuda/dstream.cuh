@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     // their tolerances on an H100, and simulates up to 40x for D 64 F 1 in
     // bf16: tune/NOTES.md). Normalised first, |hi| <= sqrt(D) |norm weight|:
     // f16 overflows only for norm weights past 65504 / sqrt(D).
-    cp_async_wait_upto(stages - 2);
+    attn::cp_async_wait_upto(stages - 2);
     float* ss_s = reinterpret_cast<float*>(smem + pl.ss_off);  // [kWarps][8]
     const T* nw = static_cast<const T*>(p.norm_weight);
     for (int tok = 0; tok < pl.x_rows; ++tok) {
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     }
     __syncthreads();
   } else {
-    cp_async_wait_upto(stages - 2);
+    attn::cp_async_wait_upto(stages - 2);
     __syncthreads();
   }
   // attn_front: each token's position and cache slot, once per block, in the
@@ -373,11 +373,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
   float acc[4] = {};
   int lt = 0, r = 0, slot = 0;
   for (int i = 0; i < items; ++i) {
-    __syncwarp();  // every lane is done with the slot the next copies overwrite
-    if (issued < items) issue();
-    attn::cp_async_commit();
-    cp_async_wait_upto(stages - 1);  // this lane's copies of item i have landed
-    __syncwarp();                    // and so have the other lanes'
+    warp_ring_step(issued < items, issue, stages);  // item i has landed
     const int slice = r * kWarps + warp;
     const uint32_t src = ring + uint32_t(slot) * kItem;
     if constexpr (kInt4) {

@@ -38,7 +38,7 @@ constexpr uint32_t qs_item_bytes() { return uint32_t(kWarps) * 16 * kSteps * 64;
 
 struct QsPlan {
   int ksplit_log2;  // warps per tile: 1 << ksplit_log2
-  int stages;       // ring depth in items, 2..8 (cp_async_wait_upto)
+  int stages;       // ring depth in items, 2..8 (attn::cp_async_wait_upto)
   int x_rows;       // tokens staged: min(T, 8); token slot g reads row min(g, x_rows - 1)
   int interleave;   // block b takes row tiles b, b + grid, ... (else one contiguous range)
   uint32_t x_off, sc_off, z_off, red_off;  // shared-memory offsets (the ring is at 0)
@@ -62,19 +62,17 @@ __device__ __forceinline__ uint32_t qs_wchunk(uint32_t row, uint32_t c) {
   return row * (kSteps * 64) + ((c ^ ((row & 1u) << 2)) * 16);
 }
 
-__device__ __forceinline__ void cp_async_wait_upto(int pending) {
-  if (pending == 1) return attn::cp_async_wait<1>();  // rings 2 and 3 items deep: no switch
-  if (pending == 2) return attn::cp_async_wait<2>();
-  switch (pending) {  // uniform: the ring depth
-    case 0: attn::cp_async_wait<0>(); break;
-    case 1: attn::cp_async_wait<1>(); break;
-    case 2: attn::cp_async_wait<2>(); break;
-    case 3: attn::cp_async_wait<3>(); break;
-    case 4: attn::cp_async_wait<4>(); break;
-    case 5: attn::cp_async_wait<5>(); break;
-    case 6: attn::cp_async_wait<6>(); break;
-    default: attn::cp_async_wait<7>(); break;
-  }
+// One step of a per-warp cp.async ring (qstream, dstream): the slot freed by
+// the last item is refilled (issue(), or only an empty group past the last
+// item, so every lane's group count stays in step), then the oldest item is
+// waited for.
+template <class Issue>
+__device__ __forceinline__ void warp_ring_step(bool more, const Issue& issue, int stages) {
+  __syncwarp();  // every lane is done with the slot the next copies overwrite
+  if (more) issue();
+  attn::cp_async_commit();
+  attn::cp_async_wait_upto(stages - 1);  // this lane's copies of the oldest item have landed
+  __syncwarp();                          // and so have the other lanes'
 }
 
 // kMemOnly (tune/q4_tune.cu only): the same copies and reads, no arithmetic.
@@ -191,7 +189,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     if (issued < items) issue();
     attn::cp_async_commit();
   }
-  cp_async_wait_upto(stages - 2);  // the first group: item 0, this thread's x chunks and scales
+  attn::cp_async_wait_upto(stages - 2);  // the first group: item 0, this thread's x chunks and scales
   {  // x chunks -> B fragments, in place: each thread converts the chunks it copied
     const int xchunks = int(K / 8);
     for (int i = tid; i < pl.x_rows * xchunks; i += kQsThreads) {
@@ -222,11 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   float acc[4] = {};
   int lt = tfirst, r = 0, slot = 0;
   for (int i = 0; i < items; ++i) {
-    __syncwarp();  // every lane is done with the slot the next copies overwrite
-    if (issued < items) issue();
-    attn::cp_async_commit();
-    cp_async_wait_upto(stages - 1);  // this lane's copies of item i have landed
-    __syncwarp();                    // and so have the other lanes'
+    warp_ring_step(issued < items, issue, stages);  // item i has landed
     const uint32_t src = ring + uint32_t(slot) * kItem;
     uint4 wa[kSteps], wb[kSteps];
 #pragma unroll

@@ -69,6 +69,22 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// Waits until at most `pending` (warp-uniform, 0..7; more waits as for 7)
+// of this thread's cp.async groups are in flight: rings of a run-time depth.
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  if (pending == 1) return cp_async_wait<1>();  // rings 2 and 3 items deep: no switch
+  if (pending == 2) return cp_async_wait<2>();
+  switch (pending) {  // uniform: the ring depth
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
 
 __device__ __forceinline__ void st_shared16(uint32_t addr, const uint4& v) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
