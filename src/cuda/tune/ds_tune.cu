@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../matmul.cu"
+#include "ds_variant.cuh"
 #include "timing.cuh"
 
 using namespace tk::cuda;
@@ -27,29 +28,8 @@ static int mm_variant(const tk_matmul_params& p, const Launch& l, int v, char* n
     if (p.T == 1) return int(launch_tiles<__half, 8, 1>(p, l));
     return int(launch_mma<__half, 1>(p, l));
   }
-  struct V { int chunks, warps, stages; };
-  const V vs[] = {{8, 16, 2}, {8, 16, 3}, {8, 16, 4}, {8, 16, 6}, {16, 16, 2}, {16, 16, 3}, {8, 8, 4}};
-  if (v >= int(sizeof vs / sizeof vs[0])) return -1;
   const DsArgs a = ds_args(p.w, p.w_stride, nullptr, 0, p.x, p.x_stride, p.T, nullptr, 0.0f, p.y, p.y_stride, p.N, p.K);
-  DsPlan pl;
-  unsigned grid;
-  size_t smem;
-  const V& s = vs[v];
-  bool ok = false;
-  tk_status st = TK_OK;
-#define TK_DS_CASE(C, W)                                                                      \
-  if (s.chunks == C && s.warps == W && ds_plan<C, W>(a.T, a.K, a.N, false, l, s.stages, pl, grid, smem)) { \
-    ok = true;                                                                                \
-    st = launch_dstream<__half, false, C, W>(a, l, pl, grid, smem, "matmul");                 \
-  }
-  TK_DS_CASE(8, 16)
-  TK_DS_CASE(16, 16)
-  TK_DS_CASE(8, 8)
-#undef TK_DS_CASE
-  if (!ok) return -2;
-  std::snprintf(name, name_len, "matmul stream %dw %dB x %d stages (%zu KB)", s.warps, s.chunks * 16, pl.stages,
-                smem / 1024);
-  return int(st);
+  return tk::tune::ds_dense_variant<false>(a, l, v, "matmul", name, name_len);
 }
 
 int main() {
@@ -99,6 +79,23 @@ int main() {
     }
   };
   char name[96];
+  // The kernel before (variant -1, writing p's output y0), then each streaming
+  // variant (writing p1's, y1, poisoned first) checked against it and timed.
+  auto sweep = [&](auto&& variant, const auto& p, const auto& p1, int64_t T, double bytes, const char* out) {
+    variant(p, l, -1, name, sizeof name);
+    time(name, T, bytes, [&] { variant(p, l, -1, name, sizeof name); });
+    for (int v = 0;; ++v) {
+      cudaMemset(y1, 0xFF, Tmax * N * 2);
+      const int rc = variant(p1, l, v, name, sizeof name);
+      if (rc == -1) break;
+      if (rc == -2) continue;
+      cudaDeviceSynchronize();
+      double md, mx;
+      diff(T, md, mx);
+      std::printf("  check: max |stream - before| %.3g of max |%s| %.3g\n", md, out, mx);
+      time(name, T, bytes, [&] { variant(p1, l, v, name, sizeof name); });
+    }
+  };
   const double mm_bytes = double(N) * K * 2;
   for (int64_t T : {int64_t(1), int64_t(2), int64_t(4), int64_t(8)}) {
     tk_matmul_params p{};
@@ -107,26 +104,11 @@ int main() {
     p.x = x, p.x_stride = K, p.w = w, p.w_stride = K, p.y = y0, p.y_stride = N;
     tk_matmul_params p1 = p;
     p1.y = y1;
-    mm_variant(p, l, -1, name, sizeof name);
-    time(name, T, mm_bytes, [&] { mm_variant(p, l, -1, name, sizeof name); });
-    if (T == 8) {
+    if (T == 8) {  // before the sweep: it writes y0
       tk_status st;
       time("matmul cuBLASLt", T, mm_bytes, [&] { try_blas(p, l, &st); });
     }
-    for (int v = 0;; ++v) {
-      cudaMemset(y1, 0xFF, Tmax * N * 2);
-      const int rc = mm_variant(p1, l, v, name, sizeof name);
-      if (rc == -1) break;
-      if (rc == -2) continue;
-      cudaDeviceSynchronize();
-      mm_variant(p, l, -1, name + 64, 8);  // y0: the kernel before
-      mm_variant(p1, l, v, name, sizeof name);
-      double md, mx;
-      cudaDeviceSynchronize();
-      diff(T, md, mx);
-      std::printf("  check: max |stream - before| %.3g of max |y| %.3g\n", md, mx);
-      time(name, T, mm_bytes, [&] { mm_variant(p1, l, v, name, sizeof name); });
-    }
+    sweep(mm_variant, p, p1, T, mm_bytes, "y");
   }
   const double ffn_bytes = 2.0 * double(N) * K * 2;
   for (int64_t T : {int64_t(1), int64_t(8)}) {
@@ -140,19 +122,7 @@ int main() {
     p.out = y0, p.out_stride = N;
     tk_fused_ffn_params p1 = p;
     p1.out = y1;
-    ffn_variant(p, l, -1, name, sizeof name);
-    time(name, T, ffn_bytes, [&] { ffn_variant(p, l, -1, name, sizeof name); });
-    for (int v = 0;; ++v) {
-      cudaMemset(y1, 0xFF, Tmax * N * 2);
-      const int rc = ffn_variant(p1, l, v, name, sizeof name);
-      if (rc == -1) break;
-      if (rc == -2) continue;
-      cudaDeviceSynchronize();
-      double md, mx;
-      diff(T, md, mx);
-      std::printf("  check: max |stream - before| %.3g of max |out| %.3g\n", md, mx);
-      time(name, T, ffn_bytes, [&] { ffn_variant(p1, l, v, name, sizeof name); });
-    }
+    sweep(ffn_variant, p, p1, T, ffn_bytes, "out");
   }
   {  // fused_ffn, int4 weights g128 (f16 scales, symmetric): D 4096, F 14336
     const int64_t G = K / 128;
@@ -185,19 +155,7 @@ int main() {
       p.out = y0, p.out_stride = N;
       tk_fused_ffn_params p1 = p;
       p1.out = y1;
-      ffn4_variant(p, l, -1, name, sizeof name);
-      time(name, T, bytes4, [&] { ffn4_variant(p, l, -1, name, sizeof name); });
-      for (int v = 0;; ++v) {
-        cudaMemset(y1, 0xFF, Tmax * N * 2);
-        const int rc = ffn4_variant(p1, l, v, name, sizeof name);
-        if (rc == -1) break;
-        if (rc == -2) continue;
-        cudaDeviceSynchronize();
-        double md, mx;
-        diff(T, md, mx);
-        std::printf("  check: max |stream - before| %.3g of max |out| %.3g\n", md, mx);
-        time(name, T, bytes4, [&] { ffn4_variant(p1, l, v, name, sizeof name); });
-      }
+      sweep(ffn4_variant, p, p1, T, bytes4, "out");
     }
   }
   time("read kernel over W bytes", 0, mm_bytes, [&] {

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "../fused_ffn.cu"
+#include "ds_variant.cuh"
 
 using namespace tk::cuda;
 
@@ -14,30 +15,9 @@ int ffn_variant(const tk_fused_ffn_params& p, const Launch& l, int v, char* name
     if (p.T == 1) return int(launch_tiles<__half, 8, 1, true>(p, l, p.D / 8, true));
     return int(launch_mma<__half, 1>(p, l));
   }
-  struct V { int chunks, warps, stages; };
-  const V vs[] = {{8, 16, 2}, {8, 16, 3}, {8, 16, 4}, {8, 16, 6}, {16, 16, 2}, {16, 16, 3}, {8, 8, 4}};
-  if (v >= int(sizeof vs / sizeof vs[0])) return -1;
   const DsArgs a = ds_args(p.w_gate, p.w_gate_stride, p.w_up, p.w_up_stride, p.x, p.x_stride, p.T, p.norm_weight,
-                 p.eps, p.out, p.out_stride, p.F, p.D);
-  DsPlan pl;
-  unsigned grid;
-  size_t smem;
-  const V& s = vs[v];
-  bool ok = false;
-  tk_status st = TK_OK;
-#define TK_DS_CASE(C, W)                                                                     \
-  if (s.chunks == C && s.warps == W && ds_plan<C, W>(a.T, a.K, a.N, true, l, s.stages, pl, grid, smem)) { \
-    ok = true;                                                                               \
-    st = launch_dstream<__half, true, C, W>(a, l, pl, grid, smem, "ffn");                    \
-  }
-  TK_DS_CASE(8, 16)
-  TK_DS_CASE(16, 16)
-  TK_DS_CASE(8, 8)
-#undef TK_DS_CASE
-  if (!ok) return -2;
-  std::snprintf(name, name_len, "ffn stream %dw %dB x %d stages (%zu KB)", s.warps, s.chunks * 16, pl.stages,
-                smem / 1024);
-  return int(st);
+                           p.eps, p.out, p.out_stride, p.F, p.D);
+  return tk::tune::ds_dense_variant<true>(a, l, v, "ffn", name, name_len);
 }
 
 // int4 weights (group 128): -1 the kernel before (CUDA cores), 0..: streaming shapes.
