@@ -3,7 +3,12 @@
 # non-Hopper path), compute-sanitizer memcheck + racecheck, then the bench.
 # Prints a short table last. Logs go to $OUT.
 #
-#   tools/gpu_check.sh [all|test|sanitize|bench] [gtest filter] [bench filter]
+#   tools/gpu_check.sh [all|test|sanitize|bench|profile] [gtest filter] [bench filter]
+#
+# profile: Nsight Compute (ncu, clocks left alone, caches flushed before each
+# replay) over one launch of each kernel of the rows that miss their targets,
+# beside the bench's own floor kernel for the same bytes; text reports go to
+# $OUT/ncu_*.txt and one line per kernel to the summary. Not part of all.
 #
 # TK_BENCH_ARGS adds bench options (e.g. "--flush memset"), TK_BENCH_TAG suffixes its files.
 # Run from the device tool with carry [".deps"] after tools/fetch_gpu_deps.sh.
@@ -49,6 +54,34 @@ if [[ $MODE == all || $MODE == bench ]]; then
   q=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu
   { nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv 2>/dev/null ||
     nvidia-smi --query-gpu=$q --format=csv; } | tee -a "$OUT/gpu.txt"
+fi
+if [[ $MODE == profile ]]; then
+  # row filter | kernel: the op's kernels, then the floor the bench prints beside it
+  prof=(
+    'rmsnorm \[32x4096\]|rmsnorm_kernel'
+    'qmatmul_int4 \[1x4096\]|qstream_kernel' 'qmatmul_int4 \[1x4096\]|floor_read_kernel'
+    'qmatmul_int4 \[8x4096\]|qstream_kernel'
+    'fused_attn_front|dstream_kernel' 'fused_attn_front|floor_read_kernel'
+    'paged_attention B1 |paged_decode_kernel' 'paged_attention B1 |paged_merge_kernel'
+    'matmul \[1x4096\]|dstream_kernel' 'matmul \[1x4096\]|floor_read_kernel'
+  )
+  m=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
+  i=0; mkdir -p "$OUT/ncu"
+  for pk in "${prof[@]}"; do
+    f=${pk%%|*}; k=${pk##*|}; i=$((i + 1)); name=ncu/$(printf %02d $i)_$k
+    t=$(date +%s)
+    ncu --clock-control none --cache-control all -k "regex:^${k}" --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      --section SourceCounters --metrics $m \
+      $B bench --backend cuda --quick --filter "$f" > "$OUT/$name.txt" 2>&1
+    rc=$?
+    dur=$(grep -E "^ +gpu__time_duration.sum" "$OUT/$name.txt" | awk '{print $(NF-1), $NF}' | head -1)
+    dram=$(grep -E "^ +dram__throughput.avg.pct_of_peak_sustained_elapsed" "$OUT/$name.txt" | awk '{print $NF}' | head -1)
+    rd=$(grep -E "^ +dram__bytes_read.sum" "$OUT/$name.txt" | awk '{print $(NF-1), $NF}' | head -1)
+    summary+=("$(printf '%-30s rc=%-3s %3ss  %-28s %-20s dram %s%%  read %s' "$name" "$rc" "$(( $(date +%s) - t ))" "$f" "$k" "$dram" "$rd") $dur")
+  done
+  tar -czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -r "$OUT/ncu"
 fi
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
