@@ -438,8 +438,11 @@ struct Builder {
     c.page_size = page;
     c.num_kv_heads = kHkv;
     c.head_dim = kDh;
-    c.k = a.random(dt, c.num_blocks * page * kHkv * kDh, 1.0f);
-    c.v = a.random(dt, c.num_blocks * page * kHkv * kDh, 1.0f);
+    // K then V in one region, so that one read pass covers the cache (the floor
+    // printed beside paged_attention).
+    const int64_t n = c.num_blocks * page * kHkv * kDh;
+    c.k = a.random(dt, 2 * n, 1.0f);
+    c.v = static_cast<char*>(c.k) + size_t(n) * esize(dt);
     std::vector<int32_t> table(size_t(c.num_blocks));
     std::iota(table.begin(), table.end(), 0);
     std::shuffle(table.begin(), table.end(), std::mt19937(42));
@@ -670,11 +673,14 @@ struct Builder {
       c.target_note = cpu_anchor_us > 0 ? "80% BW, llama.cpp" : "80% BW";
     }
     tk_context* cx = ctx();
+    Device* dev = opt.device;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       const tk_paged_kv_cache cache = paged_cache(a, dt, B, ctx_len, page);
       const tk_paged_attention_params p = paged_params(a, cx, cache, ctx_len);
       in.op = [cx, p] { return tk_paged_attention(cx, &p); };
+      const size_t cache_bytes = 2 * size_t(cache.num_blocks * page * kHkv * kDh) * esize(dt);
+      if (Op r = dev->read_pass(cache.k, cache_bytes)) in.baselines.push_back({"read of KV", r});
     };
     cases.push_back(std::move(c));
   }
