@@ -23,18 +23,6 @@ struct Geometry {
   int64_t units;           // heads * units_per_head
 };
 
-// Local rows (within a head) of unit u: b < 0 for a single row.
-__device__ __forceinline__ void unit_rows(int64_t u, int64_t half, int64_t rot_dim, bool neox,
-                                          int64_t* a, int64_t* b) {
-  if (u < half) {
-    *a = neox ? u : 2 * u;
-    *b = neox ? u + half : 2 * u + 1;
-  } else {
-    *a = rot_dim + (u - half);
-    *b = -1;
-  }
-}
-
 template <class T, int kW, int kT>
 __global__ void __launch_bounds__(kMvWarps * 32)
     attn_front_kernel(tk_attn_front_params p, Geometry geo, int64_t t_tiles, int ksplit,
@@ -54,7 +42,7 @@ __global__ void __launch_bounds__(kMvWarps * 32)
     const int64_t unit = std::min<int64_t>(u0 + j, geo.units - 1);
     const int64_t h = unit / geo.units_per_head;
     int64_t a, b;
-    unit_rows(unit - h * geo.units_per_head, half, p.rot_dim, neox, &a, &b);
+    ds_unit_rows(unit - h * geo.units_per_head, half, p.rot_dim, neox, &a, &b);
     const int64_t ra = h * dh + a, rb = b < 0 ? ra : h * dh + b;
     w[2 * j] = static_cast<const T*>(p.w_qkv) + std::min(ra, n_rows - 1) * p.w_qkv_stride;
     w[2 * j + 1] = static_cast<const T*>(p.w_qkv) + std::min(rb, n_rows - 1) * p.w_qkv_stride;
@@ -97,7 +85,7 @@ __global__ void __launch_bounds__(kMvWarps * 32)
     return;
   }
   int64_t ra, rb;
-  unit_rows(u, half, p.rot_dim, neox, &ra, &rb);
+  ds_unit_rows(u, half, p.rot_dim, neox, &ra, &rb);
   if (h < hq + hkv && u < half) {
     const float c = p.cos_table[int64_t(pos) * half + u], s = p.sin_table[int64_t(pos) * half + u];
     const float x0 = va, x1 = vb;
