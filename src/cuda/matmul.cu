@@ -114,15 +114,7 @@ __global__ void __launch_bounds__(kMvWarps * 32, kTT == 1 ? 6 : 3)
   const int64_t q_begin = kpart * per_warp, q_end = std::min(quads, q_begin + per_warp);
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kMmaUnroll) {
     uint4 ra[kMmaUnroll], rb[kMmaUnroll];
-#pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
-      const int64_t c = (q0 + u) * 4 + t4;
-      ra[u] = rb[u] = make_uint4(0, 0, 0, 0);  // past K: zero weights (and zero x below)
-      if (q0 + u < q_end && c < chunks) {
-        ra[u] = ld16_stream(wa + c * 8);
-        rb[u] = ld16_stream(wb + c * 8);
-      }
-    }
+    mma_quad_loads(ra, rb, wa, wb, q0, q_end, chunks, t4);  // past K: zeros (and zero x below)
 #pragma unroll
     for (int u = 0; u < kMmaUnroll; ++u) {
       const int64_t q = q0 + u;

@@ -281,4 +281,22 @@ inline int mv_ksplit(int64_t row_warps, int64_t accesses_per_row, int num_sms,
   return ksplit;
 }
 
+// The short-block mma kernels (matmul_mma_kernel, ffn_mma_kernel): this
+// lane's 16-byte chunks (chunk 4 q + t4) of two weight rows for the kU quad
+// steps q0 .. q0 + kU - 1, all loads issued before any is used; zeros past
+// q_end or past the rows' `chunks` (where the x side reads zeros too).
+template <int kU, class T>
+__device__ __forceinline__ void mma_quad_loads(uint4 (&ra)[kU], uint4 (&rb)[kU], const T* wa, const T* wb,
+                                               int64_t q0, int64_t q_end, int64_t chunks, int t4) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const int64_t c = (q0 + u) * 4 + t4;
+    ra[u] = rb[u] = make_uint4(0, 0, 0, 0);
+    if (q0 + u < q_end && c < chunks) {
+      ra[u] = ld16_stream(wa + c * 8);
+      rb[u] = ld16_stream(wb + c * 8);
+    }
+  }
+}
+
 }  // namespace tk::cuda
