@@ -86,6 +86,13 @@ __host__ __device__ inline void ds_unit_rows(int64_t u, int64_t half, int64_t ro
   }
 }
 
+// Head of rotation unit `unit` (units < 2^31: try_dstream_attn). A 32-bit
+// division is a few instructions; an int64 one is a call of dozens, and
+// attn_front's row setup, cos / sin loads and epilogue divide per tile.
+__device__ __forceinline__ int64_t ds_unit_head(int64_t unit, int64_t units_per_head) {
+  return int64_t(uint32_t(unit) / uint32_t(units_per_head));
+}
+
 // The arguments of a dense matmul / dense fused_ffn / int4 fused_ffn.
 inline DsArgs ds_args(const void* w0, int64_t w0_stride, const void* w1, int64_t w1_stride, const void* x,
                       int64_t x_stride, int64_t T, const void* norm_weight, float eps, void* y,
@@ -162,7 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
       const int row = j * kRowsPerCopy + crow;
       if constexpr (kAttn) {  // rows 0..7: the units' first rows; 8..15: their partners (or again the first)
         const int64_t unit = std::min<int64_t>(tile * 8 + (row & 7), N - 1);
-        const int64_t h = unit / p.units_per_head, dh = p.af.cache.head_dim;
+        const int64_t h = ds_unit_head(unit, p.units_per_head), dh = p.af.cache.head_dim;
         int64_t a, b;
         ds_unit_rows(unit - h * p.units_per_head, p.af.rot_dim / 2, p.af.rot_dim, p.af.rope_style == TK_ROPE_NEOX,
                      &a, &b);
@@ -339,7 +346,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
     const int t = 2 * (tid & 3) + (tid >> 5);
     const int32_t pos = t < p.T ? tok_pos[t] : -1;
     if (tl >= nt || unit >= N || pos < 0) return float2{1.0f, 0.0f};
-    const int64_t h = unit / p.units_per_head, u = unit - h * p.units_per_head, half = p.af.rot_dim / 2;
+    const int64_t h = ds_unit_head(unit, p.units_per_head), u = unit - h * p.units_per_head, half = p.af.rot_dim / 2;
     if (h >= p.af.num_q_heads + p.af.cache.num_kv_heads || u >= half) return float2{1.0f, 0.0f};
     return float2{p.af.cos_table[int64_t(pos) * half + u], p.af.sin_table[int64_t(pos) * half + u]};
   };
@@ -439,7 +446,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dstream_kernel(DsArgs p, DsPla
             const tk_attn_front_params& af = p.af;
             const int64_t dh = af.cache.head_dim, half = af.rot_dim / 2;
             const int64_t hq = af.num_q_heads, hkv = af.cache.num_kv_heads;
-            const int64_t h = unit / p.units_per_head, u = unit - h * p.units_per_head;
+            const int64_t h = ds_unit_head(unit, p.units_per_head), u = unit - h * p.units_per_head;
             int64_t ra, rb2;
             ds_unit_rows(u, half, af.rot_dim, af.rope_style == TK_ROPE_NEOX, &ra, &rb2);
             if (h < hq + hkv && u < half) {  // cs: this unit's cos, sin (rope_cs)
@@ -561,6 +568,7 @@ bool try_dstream(const DsArgs& a, const Launch& l, tk_status* status, const char
 template <class T>
 bool try_dstream_attn(const tk_attn_front_params& af, int64_t units_per_head, const Launch& l, tk_status* status) {
   const int64_t units = (af.num_q_heads + 2 * af.cache.num_kv_heads) * units_per_head;
+  if (units >= (int64_t(1) << 31)) return false;  // ds_unit_head divides in 32 bits
   DsArgs a = ds_args(af.w_qkv, af.w_qkv_stride, nullptr, 0, af.x, af.x_stride, af.T, af.norm_weight, af.eps,
                      nullptr, 0, units, af.D);
   a.af = af, a.units_per_head = units_per_head, a.error_flag = l.error_flag;
