@@ -248,7 +248,11 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   float acc[2][kNT][4] = {};
   int slot = 0;
   for (int c = 0; c < chunks; ++c) {
-    attn::cp_async_wait_upto(stages - 2);  // this thread's copies of chunk c have landed
+    switch (stages) {  // this thread's copies of chunk c have landed
+      case 2: attn::cp_async_wait<0>(); break;
+      case 3: attn::cp_async_wait<1>(); break;
+      default: attn::cp_async_wait<2>(); break;
+    }
     const uint32_t base = sbase + uint32_t(slot) * S::kStage;
     {  // x chunks -> B fragment order, by the thread that copied them (loads first: one round trip)
       uint4 v[S::kXCopies];
@@ -515,7 +519,13 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   // Prologue: stages - 1 stages in flight, stage 0 permuted.
   {
     qg_fill_ring<kQhMaxStages>(stages, chunks, tid, tabs, issue, store_scales);
-    attn::cp_async_wait_upto(stages - 2);  // this thread's copies of stage 0
+    switch (stages) {  // this thread's copies of stage 0
+      case 3: attn::cp_async_wait<1>(); break;
+      case 4: attn::cp_async_wait<2>(); break;
+      case 5: attn::cp_async_wait<3>(); break;
+      case 6: attn::cp_async_wait<4>(); break;
+      default: attn::cp_async_wait<5>(); break;
+    }
     __syncthreads();
     permute(0);
   }
@@ -530,7 +540,17 @@ __global__ void __launch_bounds__(kQgThreads, 1)
   Raw raw{};  // scales of stage c + stages - 1, stored (to its slot) in the next iteration
   int slot = 0;
   for (int c = 0; c < chunks; ++c) {
-    attn::cp_async_wait_upto(stages - 3);  // this thread's copies of stage c + 1
+    // Each wait is a switch of its own over the kernel's stage range, not
+    // attn::cp_async_wait_upto: through that shared switch the kernel measured
+    // 36.2-36.7 -> 38.2 us (H100, tune/qg_tune.cu, T 64), the mma.sync one
+    // 46.2-46.6 -> 46.8-46.9.
+    switch (stages) {  // this thread's copies of stage c + 1
+      case 3: attn::cp_async_wait<0>(); break;
+      case 4: attn::cp_async_wait<1>(); break;
+      case 5: attn::cp_async_wait<2>(); break;
+      case 6: attn::cp_async_wait<3>(); break;
+      default: attn::cp_async_wait<4>(); break;
+    }
     __syncthreads();  // stage c + 1 landed, stage c permuted, every wgmma of stage c - 1 done
     const uint32_t base = sbase + uint32_t(slot) * S::kStage;
     const int cn = c + stages - 1;
