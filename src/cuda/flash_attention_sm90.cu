@@ -333,10 +333,19 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, 1)
       }
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        float mx = -INFINITY;
+        // The row max heads the chain of a warpgroup's turn (the exponentials
+        // wait for it): a tree of 5 levels, not 16 dependent steps. Exact in any order.
+        static_assert(kBN == 128, "the tree below reduces 16 pair maxima");
+        float m[16];
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-          mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]));
+        for (int j = 0; j < 16; ++j) m[j] = fmaxf(s_acc[4 * j + 2 * hr], s_acc[4 * j + 2 * hr + 1]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m[j] = fmaxf(m[j], m[j + 8]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) m[j] = fmaxf(m[j], m[j + 4]);
+        m[0] = fmaxf(m[0], m[2]);
+        m[1] = fmaxf(m[1], m[3]);
+        float mx = fmaxf(m[0], m[1]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(row_max[hr], mx * a.scale_log2);
