@@ -40,6 +40,9 @@ struct TimingOptions {
   // anchors used) instead of a read pass. A memset leaves L2 full of dirty
   // lines that are written back inside the timed kernel: ~10 us on an H100.
   bool memset_flush = false;
+  // false: no flush at all, the repeats run back to back with the caches warm
+  // (the CPU's in-cache baselines).
+  bool flush = true;
 };
 
 // How a kernel moves its bytes, which picks the bandwidth it is held to: one

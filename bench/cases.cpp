@@ -87,6 +87,30 @@ std::function<double(const Peaks&)> cpu_bandwidth_target(double bytes, Traffic t
     return anchor_us > 0 ? std::min(t, anchor_us) : t;
   };
 }
+// The CPU's in-cache baseline: a slice of at most this many bytes stays in
+// the last-level cache (32 MB on the Zen 4 machines of CI) between calls.
+constexpr double kInCacheBytes = 8e6;
+
+// The same kernel over the same elements with its data already in the cache:
+// slice(rows) is the op over the first `rows` rows; it runs k times over the
+// first T / k rows (k a power of two, the slice at most kInCacheBytes) and is
+// timed without the flush. It is what the cores take without DRAM: a row near
+// it is compute-bound, a row well above it waits on memory.
+Baseline in_cache(int64_t T, double bytes, const std::function<Op(int64_t)>& slice) {
+  int64_t k = 1;
+  while (bytes / double(k) > kInCacheBytes && T % (2 * k) == 0) k *= 2;
+  Op op = slice(T / k);
+  std::string name = "in cache";
+  if (k > 1) name += " (" + std::to_string(k) + "x " + std::to_string(T / k) + " rows)";
+  return {name,
+          [op, k] {
+            for (int64_t i = 0; i < k; ++i)
+              if (const tk_status st = op(); st != TK_OK) return st;
+            return TK_OK;
+          },
+          true};
+}
+
 std::function<double(const Peaks&)> fixed_us(double us) {
   return [us](const Peaks&) { return us; };
 }
@@ -125,6 +149,8 @@ struct Builder {
     set_target(c, cuda_target_us, c.bytes > 64e6);
     tk_context* cx = ctx();
     Device* dev = opt.device;
+    const bool cuda = opt.cuda;
+    const double bytes = c.bytes;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       tk_rmsnorm_params p{};
@@ -140,6 +166,12 @@ struct Builder {
       p.y_stride = D;
       p.eps = kEps;
       in.op = [cx, p] { return tk_rmsnorm(cx, &p); };
+      if (!cuda)
+        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t rows) -> Op {
+          tk_rmsnorm_params s = p;
+          s.rows = rows;
+          return [cx, s] { return tk_rmsnorm(cx, &s); };
+        }));
       if (!residual) {
         const size_t n = size_t(T * D) * esize(dt);
         if (Op copy = dev->copy_pass(a.alloc(n), p.x, n)) in.baselines.push_back({"memcpy of x", copy});
@@ -161,6 +193,8 @@ struct Builder {
     c.traffic = Traffic::kInPlace;
     set_target(c, cuda_target_us, true);
     tk_context* cx = ctx();
+    const bool cuda = opt.cuda;
+    const double bytes = c.bytes;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       std::vector<float> cos_t(size_t(T * Dh / 2)), sin_t(cos_t.size());
@@ -186,6 +220,12 @@ struct Builder {
       p.sin_table = a.upload(sin_t);
       p.max_pos = T;
       in.op = [cx, p] { return tk_rope(cx, &p); };
+      if (!cuda)
+        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t tokens) -> Op {
+          tk_rope_params s = p;
+          s.tokens = tokens;
+          return [cx, s] { return tk_rope(cx, &s); };
+        }));
     };
     cases.push_back(std::move(c));
   }
@@ -200,6 +240,8 @@ struct Builder {
     c.traffic = Traffic::kReadWrite;
     set_target(c, cuda_target_us, true);
     tk_context* cx = ctx();
+    const bool cuda = opt.cuda;
+    const double bytes = c.bytes;
     c.setup = [=](Instance& in) {
       Arena& a = *in.arena;
       tk_swiglu_params p{};
@@ -213,6 +255,12 @@ struct Builder {
       p.out = a.alloc(size_t(T * F) * esize(dt));
       p.out_stride = F;
       in.op = [cx, p] { return tk_swiglu(cx, &p); };
+      if (!cuda)
+        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t rows) -> Op {
+          tk_swiglu_params s = p;
+          s.rows = rows;
+          return [cx, s] { return tk_swiglu(cx, &s); };
+        }));
     };
     cases.push_back(std::move(c));
   }

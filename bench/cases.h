@@ -40,6 +40,7 @@ class Arena {
 struct Baseline {
   std::string name;
   Op op;
+  bool in_cache = false;  // timed with the caches warm, from the first buffer set only
 };
 
 // A case set up and ready to time.

@@ -293,7 +293,7 @@ class HostDevice final : public Device {
       }
     // A working set of 3 LLCs and more streams from DRAM by itself; below
     // that, each repeat starts with the set evicted from every cache.
-    const bool evict = working_bytes_ < 3 * llc_;
+    const bool evict = opt.flush && working_bytes_ < 3 * llc_;
     auto t0 = Clock::now();
     if (evict) flush();
     const double flush_s = seconds_since(t0);
