@@ -50,20 +50,12 @@ HWY_INLINE void PrefetchRowStep(const T* p, size_t i) {
 // With the residual the f32 weight is not used: it took 0.215 -> 0.197 ns
 // per element in L2, but in memory 1.95-2.27 -> 1.94-2.41 ms (fast memory)
 // and 2.14-2.42 -> 2.34-2.55 ms (slow): x, r, y and a 16 KB f32 weight no
-// longer fit the 32 KB L1 together.
-//
-// hs (f16 with the residual, else null) is a per-thread f32 row: the first
-// pass keeps there each element of r as stored, which the second pass reads
-// instead of converting r again. Zen 4 converts one vector of f16 <-> f32
-// per 2 cycles, on the pipes that also add, and this path had seven
-// conversions per vector: one fewer, and x + r as an FMA (x * 1 + r, the
-// same rounding) on the multiply pipes, took it from 0.213 to 0.189 ns per
-// element (rows of 4096 in L2, one core). Plain rmsnorm keeps converting
-// twice: there the 64-byte stores of the f32 row cost more than the
-// conversion they save (0.106 -> 0.146 ns).
+// longer fit the 32 KB L1 together. Keeping the first pass's f32 values in
+// a per-thread row for the second pass instead of converting them again was
+// slower too (0.209 ns with the residual, 64-byte stores to L1/L2).
 template <class T, class W>
-void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf,
-                float* HWY_RESTRICT hs, bool stream, bool prefetch_next) {
+void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf, bool stream,
+                bool prefetch_next) {
   const DF d;
   const size_t N = hn::Lanes(d), n = size_t(p.dim);
   const T* x = row<T>(p.x, t, p.x_stride);
@@ -73,13 +65,12 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf,
   if (p.residual) {
     T* r = row<T>(p.residual, t, p.residual_stride);
     VF acc = hn::Zero(d);
-    const VF one = hn::Set(d, 1.0f);
     size_t i = 0;
-    // The norm is of h as stored (rounded to T).
+    // The norm is of h as stored (rounded to T), so it is read back after the store.
     for (; i + N <= n; i += N) {
-      const VF v = StoreF32Rounded(d, hn::MulAdd(LoadF32(d, x + i), one, LoadF32(d, r + i)), r + i);
+      StoreF32(d, hn::Add(LoadF32(d, x + i), LoadF32(d, r + i)), r + i);
+      const VF v = LoadF32(d, r + i);
       acc = hn::MulAdd(v, v, acc);
-      if (hs) hn::StoreU(v, d, hs + i);
     }
     if (i < n) {
       StoreF32Partial(d, hn::Add(LoadF32Partial(d, x + i, n - i), LoadF32Partial(d, r + i, n - i)), r + i,
@@ -95,21 +86,16 @@ void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf,
   const VF inv = hn::Set(d, InvRms(ss, n, p.eps));
   const T* nx = prefetch_next ? row<T>(p.x, t + 1, p.x_stride) : nullptr;
   const T* nr = prefetch_next && p.residual ? row<T>(p.residual, t + 1, p.residual_stride) : nullptr;
-  // The whole vectors of y from src (h, or its f32 copy hs); returns where they end.
-  const auto whole = [&](const auto* HWY_RESTRICT src) {
-    const auto out = [&](size_t i) {
-      if (nx) PrefetchRowStep(nx, i);
-      if (nr) PrefetchRowStep(nr, i);
-      return hn::Mul(hn::Mul(LoadF32(d, src + i), inv), LoadF32(d, wf + i));
-    };
-    size_t i = 0;
-    if (stream && StreamAligned(y)) {
-      for (; i + N <= n; i += N) StreamF32(d, out(i), y + i);
-    }
-    for (; i + N <= n; i += N) StoreF32(d, out(i), y + i);
-    return i;
+  const auto out = [&](size_t i) {
+    if (nx) PrefetchRowStep(nx, i);
+    if (nr) PrefetchRowStep(nr, i);
+    return hn::Mul(hn::Mul(LoadF32(d, h + i), inv), LoadF32(d, wf + i));
   };
-  const size_t i = hs ? whole(hs) : whole(h);
+  size_t i = 0;
+  if (stream && StreamAligned(y)) {
+    for (; i + N <= n; i += N) StreamF32(d, out(i), y + i);
+  }
+  for (; i + N <= n; i += N) StoreF32(d, out(i), y + i);
   if (i < n) {
     const VF v = hn::Mul(hn::Mul(LoadF32Partial(d, h + i, n - i), inv), LoadF32Partial(d, wf + i, n - i));
     StoreF32Partial(d, v, y + i, n - i);
@@ -126,15 +112,13 @@ void RmsNorm(const tk_rmsnorm_params& p, ThreadPool& pool) {
     using T = typename decltype(tag)::type;
     parallel_ranges(pool, p.rows, task_count(pool, p.rows, bytes), [&](int64_t t0, int64_t t1, int) {
       const T* w = static_cast<const T*>(p.weight);
-      float* hs = std::is_same_v<T, f16> && p.residual ? scratch<float>(kScratchLocal1, size_t(p.dim))
-                                                       : nullptr;
       if (std::is_same_v<T, float> || p.residual) {
-        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, w, hs, stream, t + 1 < t1);
+        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, w, stream, t + 1 < t1);
       } else {
         // The weight row in f32, converted once per task.
         float* wf = scratch<float>(kScratchLocal0, size_t(p.dim));
         RowToF32(w, wf, size_t(p.dim));
-        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, wf, nullptr, stream, t + 1 < t1);
+        for (int64_t t = t0; t < t1; ++t) RmsNormRow<T>(p, t, wf, stream, t + 1 < t1);
       }
       if (stream) hwy::FlushStream();
     });

@@ -128,24 +128,6 @@ HWY_INLINE void StoreF32(D d, hn::Vec<D> v, f16* HWY_RESTRICT p) {
   }
 }
 
-// StoreF32, returning the stored values in f32 (v rounded to T): from
-// registers where the conversion is native, else read back.
-template <class D, class T>
-HWY_INLINE hn::Vec<D> StoreF32Rounded(D d, hn::Vec<D> v, T* HWY_RESTRICT p) {
-  if constexpr (std::is_same_v<T, float>) {
-    hn::StoreU(v, d, p);
-    return v;
-  } else if constexpr (std::is_same_v<T, f16> && kNativeF16) {
-    const hn::Rebind<f16, D> dh;
-    const auto h = hn::DemoteTo(dh, v);
-    hn::StoreU(h, dh, p);
-    return hn::PromoteTo(d, h);
-  } else {
-    StoreF32(d, v, p);
-    return LoadF32(d, p);
-  }
-}
-
 // Like StoreF32, but a non-temporal store to a p aligned to the stored
 // vector: for outputs far larger than the caches, it skips reading each line
 // before overwriting it (a third of a copy's traffic). Callers end with
