@@ -52,7 +52,12 @@ HWY_INLINE void PrefetchRowStep(const T* p, size_t i) {
 // and 2.14-2.42 -> 2.34-2.55 ms (slow): x, r, y and a 16 KB f32 weight no
 // longer fit the 32 KB L1 together. Keeping the first pass's f32 values in
 // a per-thread row for the second pass instead of converting them again was
-// slower too (0.209 ns with the residual, 64-byte stores to L1/L2).
+// slower too (0.209 ns with the residual, 64-byte stores to L1/L2). Measured
+// again with x + r as an FMA (off the add pipes that Zen 4's conversions
+// share): 0.213 -> 0.189 ns per element in L2 and 1.86 -> 1.69-1.80 ms in
+// the bench's in-cache column, but the row itself, from memory, went from
+// 2.23-2.47 to 2.38-2.88 ms (four alternating runs each); the FMA alone
+// changed neither beyond noise.
 template <class T, class W>
 void RmsNormRow(const tk_rmsnorm_params& p, int64_t t, const W* HWY_RESTRICT wf, bool stream,
                 bool prefetch_next) {
