@@ -127,6 +127,47 @@ TEST(CpuRmsnorm, WeightOfEachCall) {
       }
 }
 
+// bf16 outputs round to nearest even, NaNs stay NaN and overflow gives inf,
+// bit for bit as the reference rounds them, on whole vectors and row tails
+// (on AVX512_BF16 CPUs the backend rounds in hardware): r <- x + r of
+// rmsnorm_residual with sums at ties, just off ties, past the largest bf16,
+// and with NaN and inf operands. (Results below 2^-126 are left out: the
+// hardware flushes them to zero, as the header says.)
+TEST(CpuBf16, RoundsAsTheReference) {
+  std::string why;
+  tk_context* cpu = context(TK_BACKEND_CPU, &why);
+  ASSERT_NE(cpu, nullptr) << why;
+  tk_context* ref = context(TK_BACKEND_REFERENCE, &why);
+  ASSERT_NE(ref, nullptr) << why;
+  // (x, r) pairs as bf16 bits: 1 + 2^-8 (tie, to even 1), 1 + 3 * 2^-8 (tie,
+  // up), 1 + 2^-8 + 2^-15 (past the tie), -1 - 2^-8, max + max (inf),
+  // quiet and signalling NaN, inf - inf, and plain values.
+  const uint16_t pairs[][2] = {{0x3f80, 0x3b80}, {0x3f80, 0x3c40}, {0x3f81, 0x3b80}, {0xbf80, 0xbb80},
+                               {0x7f7f, 0x7f7f}, {0xff7f, 0xff7f}, {0x7fc1, 0x3f80}, {0x7f81, 0x3f80},
+                               {0x7f80, 0xff80}, {0x4049, 0x3fc0}, {0xc2f7, 0x4111}, {0x0000, 0x8000}};
+  constexpr size_t kPairs = sizeof(pairs) / sizeof(pairs[0]);
+  const int64_t T = 3, D = 69;  // four vectors of 16 and a tail of 5 per row
+  std::vector<uint16_t> x(size_t(T * D)), r(x.size()), w(size_t(D), 0x3f80), y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = pairs[(i * 7) % kPairs][0];
+    r[i] = pairs[(i * 7) % kPairs][1];
+  }
+  std::vector<uint16_t> r_ref = r, y_ref(y.size());
+  tk_rmsnorm_params p{TK_BF16, T, D, x.data(), D, r.data(), D, w.data(), y.data(), D, 1e-5f};
+  ASSERT_EQ(tk_rmsnorm(cpu, &p), TK_OK) << tk_last_error();
+  p.residual = r_ref.data();
+  p.y = y_ref.data();
+  ASSERT_EQ(tk_rmsnorm(ref, &p), TK_OK) << tk_last_error();
+  const auto is_nan = [](uint16_t h) { return (h & 0x7fff) > 0x7f80; };
+  for (size_t i = 0; i < r.size(); ++i) {
+    if (is_nan(r_ref[i])) {
+      EXPECT_TRUE(is_nan(r[i])) << "element " << i << ": " << std::hex << r[i];
+    } else {
+      EXPECT_EQ(r[i], r_ref[i]) << "element " << i << " x " << std::hex << x[i] << " r " << r_ref[i];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // rope
 // ---------------------------------------------------------------------------

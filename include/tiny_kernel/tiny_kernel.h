@@ -54,6 +54,10 @@ typedef enum tk_status {
   TK_ERR_OUT_OF_MEMORY = 7
 } tk_status;
 
+/* Arithmetic is f32 (the reference: f64); results are rounded to the output
+ * dtype to nearest even, NaNs stay NaN (quiet). On CPUs with AVX512_BF16 the
+ * CPU backend rounds bf16 outputs in hardware, which flushes results below
+ * 2^-126 (the f32 / bf16 denormals) to zero. */
 typedef enum tk_dtype { TK_F32 = 0, TK_F16 = 1, TK_BF16 = 2 } tk_dtype;
 
 typedef enum tk_backend {

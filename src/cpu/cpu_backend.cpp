@@ -1,6 +1,7 @@
 // The CPU backend: SIMD kernels (Highway, target chosen at run time) spread
 // over a small persistent thread pool. The kernels live in elementwise.cpp,
-// matmul.cpp and attention.cpp; this file only owns the pool.
+// matmul.cpp and attention.cpp; this file owns the pool and the CPU feature
+// flags that the kernels read.
 #include <cstdio>
 #include <mutex>
 #include <new>
@@ -12,6 +13,18 @@
 #include "cpu/kernels.h"
 
 namespace tk {
+
+namespace cpu {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+extern const bool kCpuHasAvx512Bf16 = [] {
+  __builtin_cpu_init();  // in case a constructor of another file asks first
+  return __builtin_cpu_supports("avx512bf16") != 0;
+}();
+#else
+extern const bool kCpuHasAvx512Bf16 = false;
+#endif
+}  // namespace cpu
+
 namespace {
 
 class CpuBackend final : public HostBackend {

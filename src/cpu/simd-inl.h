@@ -22,6 +22,11 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
+namespace tk::cpu {
+// Whether the CPU has AVX512_BF16 (cpu_backend.cpp; false off x86).
+extern const bool kCpuHasAvx512Bf16;
+}  // namespace tk::cpu
+
 HWY_BEFORE_NAMESPACE();
 namespace tk::cpu::HWY_NAMESPACE {
 
@@ -98,8 +103,24 @@ HWY_INLINE void StoreF32(D d, hn::Vec<D> v, float* HWY_RESTRICT p) {
 }
 
 // f32 -> bf16 with round to nearest even (Highway 1.0.3's DemoteTo truncates).
+// Where the CPU has AVX512_BF16, one VCVTNEPS2BF16 per vector instead of the
+// ten integer ops below, which took bf16 rmsnorm from 0.164 to 0.103 ns per
+// element (one Zen 4 core, rows in L1). Highway 1.0.3 has no target with the
+// extension, so it is written as asm and taken after the CPUID check. It
+// rounds and quiets NaNs as the sequence does, but flushes f32 denormals
+// (|v| < 2^-126) to zero.
 template <class D>
 HWY_INLINE void StoreF32(D /*d*/, hn::Vec<D> v, bf16* HWY_RESTRICT p) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3 && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (sizeof(v.raw) == 64) {
+    if (kCpuHasAvx512Bf16) {
+      __m256i h;
+      asm("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"(v.raw));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+      return;
+    }
+  }
+#endif
   const hn::RebindToUnsigned<D> du;
   const hn::RebindToSigned<D> di;
   const hn::Rebind<uint16_t, D> du16;
