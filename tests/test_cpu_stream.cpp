@@ -34,7 +34,7 @@ std::vector<Size> sizes() {
       // Exactly 16 MiB: streamed, every row aligned.
       {TK_F16, 2048, 4096, Layout::Contiguous},
       {TK_F32, 1024, 4096, Layout::Contiguous},
-      {TK_BF16, 2048, 4096, Layout::Contiguous},  // bf16 streams through plain stores
+      {TK_BF16, 2048, 4096, Layout::Contiguous},
       // Just over, odd rows (8198-byte f16 rows: one in 16 starts aligned).
       {TK_F16, 2047, 4099, Layout::Contiguous},
       {TK_F32, 1021, 4111, Layout::Odd},

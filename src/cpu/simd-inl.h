@@ -102,36 +102,39 @@ HWY_INLINE void StoreF32(D d, hn::Vec<D> v, float* HWY_RESTRICT p) {
   hn::StoreU(v, d, p);
 }
 
-// f32 -> bf16 with round to nearest even (Highway 1.0.3's DemoteTo truncates).
-// Where the CPU has AVX512_BF16, one VCVTNEPS2BF16 per vector instead of the
-// ten integer ops below, which took bf16 rmsnorm from 0.164 to 0.103 ns per
-// element (one Zen 4 core, rows in L1). Highway 1.0.3 has no target with the
-// extension, so it is written as asm and taken after the CPUID check. It
-// rounds and quiets NaNs as the sequence does, but flushes f32 denormals
-// (|v| < 2^-126) to zero.
+// f32 -> bf16 bits with round to nearest even (Highway 1.0.3's DemoteTo
+// truncates). Where the CPU has AVX512_BF16, one VCVTNEPS2BF16 per vector
+// instead of the ten integer ops below, which took bf16 rmsnorm from 0.164 to
+// 0.103 ns per element (one Zen 4 core, rows in L1). Highway 1.0.3 has no
+// target with the extension, so it is written as asm and taken after the
+// CPUID check. It rounds and quiets NaNs as the sequence does, but flushes
+// f32 denormals (|v| < 2^-126) to zero.
 template <class D>
-HWY_INLINE void StoreF32(D /*d*/, hn::Vec<D> v, bf16* HWY_RESTRICT p) {
+HWY_INLINE hn::Vec<hn::Rebind<uint16_t, D>> Bf16Bits(D /*d*/, hn::Vec<D> v) {
+  const hn::Rebind<uint16_t, D> du16;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3 && (defined(__GNUC__) || defined(__clang__))
   if constexpr (sizeof(v.raw) == 64) {
     if (kCpuHasAvx512Bf16) {
       __m256i h;
       asm("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"(v.raw));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-      return;
+      return hn::Vec<hn::Rebind<uint16_t, D>>{h};
     }
   }
 #endif
   const hn::RebindToUnsigned<D> du;
   const hn::RebindToSigned<D> di;
-  const hn::Rebind<uint16_t, D> du16;
   const auto bits = hn::BitCast(du, v);
   const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1));
   const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(lsb, hn::Set(du, 0x7fff))));
   const auto quiet = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x40));
   const auto is_nan = hn::Ne(v, v);
   const auto out = hn::IfThenElse(hn::RebindMask(du, is_nan), quiet, rounded);
-  hn::StoreU(hn::BitCast(hn::Rebind<bf16, D>(), hn::DemoteTo(du16, hn::BitCast(di, out))),
-             hn::Rebind<bf16, D>(), p);
+  return hn::DemoteTo(du16, hn::BitCast(di, out));
+}
+
+template <class D>
+HWY_INLINE void StoreF32(D d, hn::Vec<D> v, bf16* HWY_RESTRICT p) {
+  hn::StoreU(Bf16Bits(d, v), hn::Rebind<uint16_t, D>(), reinterpret_cast<uint16_t*>(p));
 }
 
 template <class D>
@@ -161,8 +164,10 @@ HWY_INLINE void StreamF32(D d, hn::Vec<D> v, T* HWY_RESTRICT p) {
     const hn::Rebind<uint16_t, D> du16;
     hn::Stream(hn::BitCast(du16, hn::DemoteTo(hn::Rebind<f16, D>(), v)), du16,
                reinterpret_cast<uint16_t*>(p));
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    hn::Stream(Bf16Bits(d, v), hn::Rebind<uint16_t, D>(), reinterpret_cast<uint16_t*>(p));
   } else {
-    StoreF32(d, v, p);  // bf16 and emulated f16: a plain store
+    StoreF32(d, v, p);  // emulated f16: a plain store
   }
 }
 
