@@ -138,8 +138,7 @@ struct Builder {
     }
   }
 
-  void rmsnorm(int64_t T, int64_t D, bool residual, double cuda_target_us) {
-    const tk_dtype dt = TK_F16;
+  void rmsnorm(int64_t T, int64_t D, bool residual, double cuda_target_us, tk_dtype dt = TK_F16) {
     Case c;
     c.kernel = residual ? "rmsnorm_residual" : "rmsnorm";
     c.shape = dims(T, D);
@@ -230,8 +229,7 @@ struct Builder {
     cases.push_back(std::move(c));
   }
 
-  void swiglu(int64_t T, int64_t F, double cuda_target_us) {
-    const tk_dtype dt = TK_F16;
+  void swiglu(int64_t T, int64_t F, double cuda_target_us, tk_dtype dt = TK_F16) {
     Case c;
     c.kernel = "swiglu";
     c.shape = dims(T, F);
@@ -801,6 +799,12 @@ std::vector<Case> make_cases(const CaseOptions& opt) {
   b.rmsnorm(4096, kD, true, 0);
   b.rope(4096, kHq, kDh, 26.0);
   b.swiglu(4096, kF, 122.0);
+  if (!opt.cuda) {
+    // Llama-3's own dtype: the CPU converts bf16 with other instructions than f16.
+    b.rmsnorm(4096, 4096, false, 0, TK_BF16);
+    b.rmsnorm(4096, kD, true, 0, TK_BF16);
+    b.swiglu(4096, kF, 0, TK_BF16);
+  }
   // llama.cpp on a 2-core Zen 4: f16 matvec 2.4-3.5 ms, q4_0 1.3 ms (issue 2).
   b.matmul(1, kF, kD, 43.0, 2400.0);
   b.matmul(8, kF, kD, 45.0, 0);
