@@ -87,17 +87,26 @@ std::vector<Case> rmsnorm_cases_residual() { return rmsnorm_cases(true); }
 TK_OP_SUITE(Rmsnorm, rmsnorm_cases_plain);
 TK_OP_SUITE(RmsnormResidual, rmsnorm_cases_residual);
 
+// The CPU backend and the reference, for the tests below that call both.
+class CpuAgainstReference : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    cpu = context(TK_BACKEND_CPU, &why);
+    ASSERT_NE(cpu, nullptr) << why;
+    ref = context(TK_BACKEND_REFERENCE, &why);
+    ASSERT_NE(ref, nullptr) << why;
+  }
+  tk_context* cpu = nullptr;
+  tk_context* ref = nullptr;
+};
+
 // The CPU backend converts an f16 / bf16 weight row to f32 once per task, in
 // a per-thread scratch row that later calls reuse: calls that change the
 // weight and the dim (growing, shrinking, growing back) must each use their
 // own weight, here one element past a 64-byte boundary, with and without
 // the residual, on rows split between threads.
-TEST(CpuRmsnorm, WeightOfEachCall) {
-  std::string why;
-  tk_context* cpu = context(TK_BACKEND_CPU, &why);
-  ASSERT_NE(cpu, nullptr) << why;
-  tk_context* ref = context(TK_BACKEND_REFERENCE, &why);
-  ASSERT_NE(ref, nullptr) << why;
+TEST_F(CpuAgainstReference, RmsnormWeightOfEachCall) {
   Rng rng(test_seed());
   const int64_t T = 37;
   for (tk_dtype dt : {TK_F16, TK_BF16})
@@ -133,12 +142,7 @@ TEST(CpuRmsnorm, WeightOfEachCall) {
 // rmsnorm_residual with sums at ties, just off ties, past the largest bf16,
 // and with NaN and inf operands. (Results below 2^-126 are left out: the
 // hardware flushes them to zero, as the header says.)
-TEST(CpuBf16, RoundsAsTheReference) {
-  std::string why;
-  tk_context* cpu = context(TK_BACKEND_CPU, &why);
-  ASSERT_NE(cpu, nullptr) << why;
-  tk_context* ref = context(TK_BACKEND_REFERENCE, &why);
-  ASSERT_NE(ref, nullptr) << why;
+TEST_F(CpuAgainstReference, Bf16RoundsAsTheReference) {
   // (x, r) pairs as bf16 bits: 1 + 2^-8 (tie, to even 1), 1 + 3 * 2^-8 (tie,
   // up), 1 + 2^-8 + 2^-15 (past the tie), -1 - 2^-8, max + max (inf),
   // quiet and signalling NaN, inf - inf, and plain values.
