@@ -7,6 +7,7 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <type_traits>
 
 namespace tkb {
 namespace {
@@ -92,20 +93,23 @@ std::function<double(const Peaks&)> cpu_bandwidth_target(double bytes, Traffic t
 constexpr double kInCacheBytes = 8e6;
 
 // The same kernel over the same elements with its data already in the cache:
-// slice(rows) is the op over the first `rows` rows; it runs k times over the
-// first T / k rows (k a power of two, the slice at most kInCacheBytes) and is
-// timed without the flush. It is what the cores take without DRAM: a row near
-// it is compute-bound, a row well above it waits on memory.
-Baseline in_cache(int64_t T, double bytes, const std::function<Op(int64_t)>& slice) {
+// run(cx, p) k times over the first T / k of the T rows that p.*rows counts
+// (k a power of two, the slice at most kInCacheBytes; rows null: the whole op,
+// k = 1), timed without the flush. It is what the cores take without DRAM: a
+// row near it is compute-bound, a row well above it waits on memory.
+template <class P>
+Baseline in_cache(tk_status (*run)(tk_context*, const P*), tk_context* cx, P p,
+                  std::type_identity_t<int64_t P::*> rows, double bytes) {
+  const int64_t T = rows ? p.*rows : 1;
   int64_t k = 1;
   while (bytes / double(k) > kInCacheBytes && T % (2 * k) == 0) k *= 2;
-  Op op = slice(T / k);
+  if (rows) p.*rows = T / k;
   std::string name = "in cache";
   if (k > 1) name += " (" + std::to_string(k) + "x " + std::to_string(T / k) + " rows)";
   return {name,
-          [op, k] {
+          [run, cx, p, k] {
             for (int64_t i = 0; i < k; ++i)
-              if (const tk_status st = op(); st != TK_OK) return st;
+              if (const tk_status st = run(cx, &p); st != TK_OK) return st;
             return TK_OK;
           },
           true};
@@ -165,12 +169,7 @@ struct Builder {
       p.y_stride = D;
       p.eps = kEps;
       in.op = [cx, p] { return tk_rmsnorm(cx, &p); };
-      if (!cuda)
-        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t rows) -> Op {
-          tk_rmsnorm_params s = p;
-          s.rows = rows;
-          return [cx, s] { return tk_rmsnorm(cx, &s); };
-        }));
+      if (!cuda) in.baselines.push_back(in_cache(tk_rmsnorm, cx, p, &tk_rmsnorm_params::rows, bytes));
       if (!residual) {
         const size_t n = size_t(T * D) * esize(dt);
         if (Op copy = dev->copy_pass(a.alloc(n), p.x, n)) in.baselines.push_back({"memcpy of x", copy});
@@ -219,12 +218,7 @@ struct Builder {
       p.sin_table = a.upload(sin_t);
       p.max_pos = T;
       in.op = [cx, p] { return tk_rope(cx, &p); };
-      if (!cuda)
-        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t tokens) -> Op {
-          tk_rope_params s = p;
-          s.tokens = tokens;
-          return [cx, s] { return tk_rope(cx, &s); };
-        }));
+      if (!cuda) in.baselines.push_back(in_cache(tk_rope, cx, p, &tk_rope_params::tokens, bytes));
     };
     cases.push_back(std::move(c));
   }
@@ -253,12 +247,7 @@ struct Builder {
       p.out = a.alloc(size_t(T * F) * esize(dt));
       p.out_stride = F;
       in.op = [cx, p] { return tk_swiglu(cx, &p); };
-      if (!cuda)
-        in.baselines.push_back(in_cache(T, bytes, [cx, p](int64_t rows) -> Op {
-          tk_swiglu_params s = p;
-          s.rows = rows;
-          return [cx, s] { return tk_swiglu(cx, &s); };
-        }));
+      if (!cuda) in.baselines.push_back(in_cache(tk_swiglu, cx, p, &tk_swiglu_params::rows, bytes));
     };
     cases.push_back(std::move(c));
   }
@@ -731,9 +720,7 @@ struct Builder {
       if (Op r = dev->read_pass(cache.k, cache_bytes)) in.baselines.push_back({"read of KV", r});
       // One sequence's cache (16.8 MB at ctx 4096) fits the CPU's last-level cache unsliced.
       if (!cuda && B == 1)
-        in.baselines.push_back(in_cache(1, bytes, [cx, p](int64_t) -> Op {
-          return [cx, p] { return tk_paged_attention(cx, &p); };
-        }));
+        in.baselines.push_back(in_cache(tk_paged_attention, cx, p, nullptr, bytes));
     };
     cases.push_back(std::move(c));
   }
